@@ -1,0 +1,30 @@
+# make demo: the whole path on an embedded Redis with the tiny offline model.
+# make test: the whole suite (unit, integration, e2e, faults, deploy, bench smoke).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test bench lint clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(PY) pyproject.toml constraints.txt
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e ".[worker,dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/internvl-queue demo
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(VENV)/bin/internvl-queue bench
+
+clean:
+	rm -rf .ivq-data .pytest_cache

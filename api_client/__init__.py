@@ -1,0 +1,43 @@
+"""Producer-side client for internvl-queue.
+
+`__all__` is the public contract. Importing this package never imports
+torch or transformers (a test checks it).
+"""
+
+from api_client.client import JobClient
+from api_client.errors import ApiError, BrokerUnavailable, JobNotFound, RequestRejected, WaitTimeout
+from api_client.schema import (
+    CallbackSpec,
+    ErrorCode,
+    GenerationParams,
+    ImageItem,
+    JobError,
+    JobRequest,
+    JobResult,
+    JobState,
+    JobStatus,
+    Message,
+    TextItem,
+    VideoItem,
+)
+
+__all__ = [
+    "ApiError",
+    "BrokerUnavailable",
+    "CallbackSpec",
+    "ErrorCode",
+    "GenerationParams",
+    "ImageItem",
+    "JobClient",
+    "JobError",
+    "JobNotFound",
+    "JobRequest",
+    "JobResult",
+    "JobState",
+    "JobStatus",
+    "Message",
+    "RequestRejected",
+    "TextItem",
+    "VideoItem",
+    "WaitTimeout",
+]

@@ -1,0 +1,194 @@
+"""JobClient: what a producer uses to submit jobs and learn how they ended.
+
+The job record in Redis is the source of truth; the Celery message sent here
+is only how a worker hears of the job. `wait` and `events` block on the
+job's pub/sub channel (no sleep loop), re-reading the record after
+subscribing so a transition that happened in between is never missed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import redis
+from celery import Celery
+from pydantic import ValidationError
+
+from api_client import keys
+from api_client.errors import BrokerUnavailable, JobNotFound, RequestRejected, WaitTimeout
+from api_client.records import Records, status_from_record
+from api_client.schema import MAX_REQUEST_BYTES, ErrorCode, JobRequest, JobResult, JobStatus
+
+_PUBLISH_RETRY = {"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1.0}
+
+
+def producer_app(redis_url: str) -> Celery:
+    """A Celery app that can only send our tasks (the producer never runs them)."""
+    app = Celery("internvl-queue-producer", broker=redis_url, set_as_current=False)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        broker_transport_options=keys.broker_transport_options(),
+        broker_connection_retry_on_startup=False,
+        broker_connection_max_retries=3,
+    )
+    return app
+
+
+class JobClient:
+    """Submit, follow and cancel jobs. Thread-safe; one per process is enough."""
+
+    def __init__(self, redis_url: str, *, socket_timeout: float = 10.0):
+        self.redis_url = redis_url
+        self.redis = redis.Redis.from_url(
+            redis_url, socket_timeout=socket_timeout, socket_connect_timeout=5, health_check_interval=30
+        )
+        self.records = Records(self.redis)
+        self._app = producer_app(redis_url)
+
+    # ---- submitting -------------------------------------------------
+    def submit(self, request: JobRequest | dict[str, Any] | str) -> str:
+        """Validate, record and enqueue one job; returns its id.
+
+        Raises RequestRejected(code="invalid_request") for a malformed request.
+        Submitting twice with the same idempotency_key returns the first job's id.
+        """
+        req = self._validate(request)
+        job_id = uuid.uuid4().hex
+        body = req.model_dump_json(exclude_none=True)
+        deadline = req.deadline.timestamp() if req.deadline else None
+        with self._broker_errors():
+            created, job_id = self.records.create(
+                job_id, body, now=time.time(), priority=req.priority,
+                deadline=deadline, idempotency_key=req.idempotency_key,
+            )
+            if created:
+                self.enqueue(job_id, req.priority)
+        return job_id
+
+    def submit_many(self, requests: Iterable[JobRequest | dict[str, Any]]) -> list[str]:
+        """Submit several jobs; every request is validated before any is enqueued."""
+        validated = [self._validate(r) for r in requests]
+        return [self.submit(r) for r in validated]
+
+    def enqueue(self, job_id: str, priority: int = 0) -> None:
+        """Send the Celery message for an existing record (also used to repair a lost one)."""
+        self._app.send_task(
+            keys.INFER_TASK, args=[job_id], queue=keys.INFER_QUEUE,
+            priority=keys.celery_priority(priority), retry=True, retry_policy=_PUBLISH_RETRY,
+        )
+
+    @staticmethod
+    def _validate(request: JobRequest | dict[str, Any] | str) -> JobRequest:
+        if isinstance(request, JobRequest):
+            return request
+        try:
+            if isinstance(request, (str, bytes)):
+                if len(request) > MAX_REQUEST_BYTES:
+                    raise RequestRejected(ErrorCode.invalid_request.value, f"request over {MAX_REQUEST_BYTES} bytes")
+                return JobRequest.model_validate_json(request)
+            if len(json.dumps(request, default=str)) > MAX_REQUEST_BYTES:
+                raise RequestRejected(ErrorCode.invalid_request.value, f"request over {MAX_REQUEST_BYTES} bytes")
+            return JobRequest.model_validate(request)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'request'}: {e['msg']}" for e in exc.errors()[:5]
+            )
+            raise RequestRejected(ErrorCode.invalid_request.value, problems) from None
+
+    # ---- reading ----------------------------------------------------
+    def status(self, job_id: str) -> JobStatus:
+        with self._broker_errors():
+            rec = self.records.raw(job_id)
+        if not rec:
+            raise JobNotFound(job_id)
+        return status_from_record(rec)
+
+    def result(self, job_id: str) -> JobResult | None:
+        """The result of a succeeded job (None while it has not succeeded)."""
+        with self._broker_errors():
+            raw = self.redis.hget(keys.job(job_id), "result")
+            if raw is None and not self.redis.exists(keys.job(job_id)):
+                raise JobNotFound(job_id)
+        return JobResult.model_validate_json(raw) if raw else None
+
+    def wait(self, job_id: str, timeout: float | None = None) -> JobStatus:
+        """Block until the job ends; raises WaitTimeout after `timeout` seconds."""
+        for _ in self.events(job_id, timeout=timeout):
+            pass
+        status = self.status(job_id)
+        if not status.state.terminal:
+            raise WaitTimeout(f"job {job_id} still {status.state.value} after {timeout}s")
+        return status
+
+    def events(self, job_id: str, timeout: float | None = None) -> Iterator[dict[str, Any]]:
+        """Yield the job's events (past ones first) until it ends or `timeout` passes."""
+        end = None if timeout is None else time.monotonic() + timeout
+        with self._broker_errors():
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            pubsub.subscribe(keys.events_channel(job_id))
+            try:
+                seen = 0
+                past = self.records.events(job_id)
+                if not past and not self.redis.exists(keys.job(job_id)):
+                    raise JobNotFound(job_id)
+                for ev in past:
+                    seen += 1
+                    yield ev
+                    if _is_terminal(ev):
+                        return
+                while end is None or time.monotonic() < end:
+                    left = 1.0 if end is None else max(0.0, min(1.0, end - time.monotonic()))
+                    msg = pubsub.get_message(timeout=left)
+                    if msg is None:
+                        continue
+                    # Read from the list, not the message: the list has every event in order.
+                    for ev in self.records.events(job_id)[seen:]:
+                        seen += 1
+                        yield ev
+                        if _is_terminal(ev):
+                            return
+            finally:
+                pubsub.close()
+
+    def cancel(self, job_id: str) -> JobStatus:
+        """Cancel a queued or running job (a running job's result is discarded)."""
+        with self._broker_errors():
+            done, _prev = self.records.cancel(job_id, now=time.time())
+            if done:
+                self._app.send_task(
+                    keys.NOTIFY_TASK, args=[job_id, "cancelled"], queue=keys.CALLBACKS_QUEUE,
+                    retry=True, retry_policy=_PUBLISH_RETRY,
+                )
+        return self.status(job_id)
+
+    def close(self) -> None:
+        self.redis.close()
+
+    def __enter__(self) -> "JobClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    class _BrokerErrors:
+        def __enter__(self) -> None:
+            return None
+
+        def __exit__(self, typ, exc, tb) -> bool:
+            if exc is not None and isinstance(exc, (redis.ConnectionError, redis.TimeoutError, OSError)):
+                raise BrokerUnavailable(f"Redis unreachable: {exc}") from exc
+            if exc is not None and type(exc).__name__ == "OperationalError":  # kombu publish failure
+                raise BrokerUnavailable(f"broker unreachable: {exc}") from exc
+            return False
+
+    def _broker_errors(self) -> "_BrokerErrors":
+        return self._BrokerErrors()
+
+
+def _is_terminal(event: dict[str, Any]) -> bool:
+    return event.get("state") in ("succeeded", "failed", "cancelled")

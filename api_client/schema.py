@@ -1,0 +1,234 @@
+"""The wire contract between producers and workers (pydantic v2).
+
+A request is the chat format of `processor.apply_chat_template`: a list of
+messages whose content items are images, videos and text. Unknown fields are
+rejected everywhere, and every limit that can be checked without the media
+is checked here, at submit time.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# Submit-time limits. The worker checks media-dependent limits again.
+MAX_MESSAGES = 32
+MAX_MEDIA_ITEMS = 16
+MAX_TEXT_CHARS = 32_000
+MAX_URL_CHARS = 2_048
+MAX_METADATA_ITEMS = 32
+MAX_REQUEST_BYTES = 256 * 1024
+ALLOWED_URL_SCHEMES = ("s3://", "file://", "https://", "http://")
+
+
+class ErrorCode(str, enum.Enum):
+    """Stable error codes. Clients may branch on these; never rename one."""
+
+    invalid_request = "invalid_request"
+    media_not_found = "media_not_found"
+    invalid_media = "invalid_media"
+    media_too_large = "media_too_large"
+    forbidden_url = "forbidden_url"
+    prompt_too_long = "prompt_too_long"
+    too_large_for_gpu = "too_large_for_gpu"
+    timeout = "timeout"
+    expired = "expired"
+    cancelled = "cancelled"
+    poison = "poison"
+    storage_unavailable = "storage_unavailable"
+    internal_error = "internal_error"
+
+
+class JobState(str, enum.Enum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobState.succeeded, JobState.failed, JobState.cancelled)
+
+
+TERMINAL_STATES = frozenset(s.value for s in JobState if s.terminal)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_url(url: str) -> str:
+    if len(url) > MAX_URL_CHARS:
+        raise ValueError(f"url longer than {MAX_URL_CHARS} characters")
+    if not url.startswith(ALLOWED_URL_SCHEMES):
+        raise ValueError(f"url scheme must be one of {', '.join(ALLOWED_URL_SCHEMES)}")
+    if url.startswith("s3://"):
+        bucket, _, key = url[len("s3://") :].partition("/")
+        if not bucket or not key:
+            raise ValueError("s3 url must be s3://bucket/key")
+    if ".." in url.split("?", 1)[0].split("/"):
+        raise ValueError("url must not contain '..' path segments")
+    return url
+
+
+class TextItem(_Strict):
+    type: Literal["text"] = "text"
+    text: str = Field(max_length=MAX_TEXT_CHARS)
+
+
+class ImageItem(_Strict):
+    type: Literal["image"] = "image"
+    url: str
+
+    _url = field_validator("url")(classmethod(lambda cls, v: _check_url(v)))
+
+
+class VideoItem(_Strict):
+    type: Literal["video"] = "video"
+    url: str
+    num_frames: int | None = Field(default=None, ge=1, le=64)
+
+    _url = field_validator("url")(classmethod(lambda cls, v: _check_url(v)))
+
+
+ContentItem = Annotated[Union[TextItem, ImageItem, VideoItem], Field(discriminator="type")]
+
+
+class Message(_Strict):
+    role: Literal["system", "user", "assistant"]
+    content: list[ContentItem] = Field(min_length=1)
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_shorthand(cls, v: Any) -> Any:
+        # {"role": "user", "content": "hi"} is accepted as one text item.
+        return [{"type": "text", "text": v}] if isinstance(v, str) else v
+
+
+class GenerationParams(_Strict):
+    max_new_tokens: int = Field(default=64, ge=1, le=4096)
+    do_sample: bool = False
+    temperature: float = Field(default=1.0, gt=0.0, le=5.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=1, le=1000)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=5.0)
+    seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
+
+    def group_key(self) -> tuple:
+        """Requests batch together only when they decode the same way."""
+        return tuple(self.model_dump().items())
+
+
+CallbackEvent = Literal["running", "succeeded", "failed", "cancelled"]
+
+
+class CallbackSpec(_Strict):
+    url: str = Field(max_length=MAX_URL_CHARS)
+    events: list[CallbackEvent] = Field(default_factory=lambda: ["succeeded", "failed", "cancelled"])
+    secret_name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+
+    @field_validator("url")
+    @classmethod
+    def _http_only(cls, v: str) -> str:
+        if not v.startswith(("https://", "http://")):
+            raise ValueError("callback url must be http(s)")
+        return v
+
+
+class JobRequest(_Strict):
+    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
+    generation: GenerationParams = Field(default_factory=GenerationParams)
+    callback: CallbackSpec | None = None
+    idempotency_key: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.:-]{1,128}$")
+    priority: int = Field(default=0, ge=0, le=9, description="0 normal .. 9 most urgent")
+    deadline: datetime | None = Field(default=None, description="end as expired if not started by then")
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("metadata")
+    @classmethod
+    def _small_metadata(cls, v: dict[str, str]) -> dict[str, str]:
+        if len(v) > MAX_METADATA_ITEMS or any(len(k) > 64 or len(x) > 1024 for k, x in v.items()):
+            raise ValueError(f"metadata: at most {MAX_METADATA_ITEMS} items, keys <= 64, values <= 1024 chars")
+        return v
+
+    @model_validator(mode="after")
+    def _limits(self) -> "JobRequest":
+        media = self.media_items()
+        if len(media) > MAX_MEDIA_ITEMS:
+            raise ValueError(f"at most {MAX_MEDIA_ITEMS} images/videos per request, got {len(media)}")
+        if not any(m.role == "user" for m in self.messages):
+            raise ValueError("at least one user message is required")
+        return self
+
+    def media_items(self) -> list[ImageItem | VideoItem]:
+        return [c for m in self.messages for c in m.content if not isinstance(c, TextItem)]
+
+    @classmethod
+    def simple(cls, prompt: str, images: list[str] = (), videos: list[str] = (), **kw: Any) -> "JobRequest":
+        """One user turn: media first, then the prompt."""
+        content: list[dict] = [{"type": "image", "url": u} for u in images]
+        content += [{"type": "video", "url": u} for u in videos]
+        content.append({"type": "text", "text": prompt})
+        return cls(messages=[{"role": "user", "content": content}], **kw)
+
+
+class JobError(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    code: ErrorCode
+    message: str
+    retryable: bool = False
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    image_tiles: int = 0
+    video_frames: int = 0
+
+
+class Timings(BaseModel):
+    """Milliseconds spent in each stage of one job."""
+
+    queued_ms: float = 0.0
+    preprocess_ms: float = 0.0
+    batch_wait_ms: float = 0.0
+    generate_ms: float = 0.0
+    total_ms: float = 0.0
+
+
+class JobResult(BaseModel):
+    """The full result, stored as JSON at {prefix}/results/{job_id}.json."""
+
+    job_id: str
+    output_text: str
+    finish_reason: Literal["stop", "length"]
+    usage: Usage
+    timings: Timings
+    batch_size: int
+    batch_id: str
+    model: str
+    worker_id: str
+    attempt: int
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+
+class JobStatus(BaseModel):
+    """What the Redis record says about a job now."""
+
+    job_id: str
+    state: JobState
+    attempts: int = 0
+    created_at: float | None = None
+    queued_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    worker_id: str | None = None
+    error: JobError | None = None
+    output_preview: str | None = None
+    batch_size: int | None = None
+    result_url: str | None = None

@@ -1,0 +1,343 @@
+"""Bytes → pixels: images with Pillow, videos with PyAV, every limit checked first.
+
+Untrusted bytes come from object storage, so each size limit is checked from
+the header before anything is decoded (a 20000×20000 PNG can be a few KB),
+only the formats we expect are opened, and every decoder failure becomes a
+`RequestError(invalid_media)` that fails that one job. No transformers here.
+
+Videos are sampled at N uniform timestamps (segment midpoints, as InternVL's
+own sampler does) by seeking to the keyframe before each timestamp and
+decoding forward, instead of decoding every frame.
+"""
+
+from __future__ import annotations
+
+import bisect
+import io
+import math
+import struct
+from dataclasses import dataclass
+from fractions import Fraction
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageOps
+
+from api_client.schema import ErrorCode
+from model_runtime.types import RequestError
+
+# Never let Pillow guess formats like EPS (which runs Ghostscript) or PSD.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF")
+
+
+@dataclass(frozen=True)
+class MediaLimits:
+    max_image_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    max_video_bytes: int = 200 * 1024 * 1024
+    max_video_seconds: float = 600.0
+    max_video_pixels: int = 3840 * 2160
+    max_video_frames: int = 32
+    default_video_frames: int = 8
+
+
+@dataclass
+class VideoFrames:
+    """Sampled frames (T×H×W×3 uint8, RGB) and what the container said."""
+
+    frames: np.ndarray
+    fps: float
+    duration_s: float
+    source_frames: int
+    timestamps: list[float]
+
+
+def _too_large(message: str) -> RequestError:
+    return RequestError(ErrorCode.media_too_large, message)
+
+
+def _invalid(message: str) -> RequestError:
+    return RequestError(ErrorCode.invalid_media, message)
+
+
+# ---------------------------------------------------------------- images
+
+
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) read from a PNG, GIF or JPEG header without Pillow.
+
+    Pillow's own check warns (a process-wide warning, not an error) on
+    89-179 MP images before we could look; reading the header first means an
+    oversized image is refused with our error and never reaches Pillow.
+    WebP needs no help: Pillow's WebP reader only ever raises.
+    """
+    if data.startswith(b"\x89PNG\r\n\x1a\n") and data[12:16] == b"IHDR" and len(data) >= 24:
+        return struct.unpack(">II", data[16:24])
+    if data[:6] in (b"GIF87a", b"GIF89a") and len(data) >= 10:
+        return struct.unpack("<HH", data[6:10])
+    if data.startswith(b"\xff\xd8"):
+        i = 2
+        while i + 9 <= len(data) and data[i] == 0xFF:
+            marker = data[i + 1]
+            if marker == 0xFF:  # fill byte
+                i += 1
+            elif marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+                i += 2
+            elif 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # start of frame
+                height, width = struct.unpack(">HH", data[i + 5 : i + 9])
+                return width, height
+            else:
+                i += 2 + struct.unpack(">H", data[i + 2 : i + 4])[0]
+    return None
+
+
+def decode_image(data: bytes, limits: MediaLimits) -> Image.Image:
+    """Decode JPEG/PNG/WebP/GIF (first frame) to an upright RGB image."""
+    if len(data) > limits.max_image_bytes:
+        raise _too_large(f"image is {len(data)} bytes, limit {limits.max_image_bytes}")
+    size = header_size(data)
+    if size is not None and size[0] * size[1] > limits.max_image_pixels:
+        raise _too_large(f"image is {size[0]}x{size[1]} pixels, limit {limits.max_image_pixels} pixels")
+    try:
+        # open() reads only the header; the pixels are decoded by load() below.
+        image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+    except Image.DecompressionBombError as exc:
+        raise _too_large(f"image has too many pixels: {exc}") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise _invalid(f"not a readable JPEG/PNG/WebP/GIF image: {exc}") from None
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        raise _invalid(f"image has an empty size {width}x{height}")
+    if width * height > limits.max_image_pixels:
+        raise _too_large(f"image is {width}x{height} pixels, limit {limits.max_image_pixels} pixels")
+    try:
+        image.load()  # GIF: the first frame, which open() positioned us on
+        image = ImageOps.exif_transpose(image) or image
+        return _to_rgb(image)
+    except Image.DecompressionBombError as exc:
+        raise _too_large(f"image has too many pixels: {exc}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise _invalid(f"corrupt or truncated image: {exc}") from None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # Transparent pixels have arbitrary colours underneath; show them as white.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return image.convert("RGB")
+
+
+# ---------------------------------------------------------------- videos
+
+
+def _open_container(data: bytes, limits: MediaLimits):
+    import av
+
+    if len(data) > limits.max_video_bytes:
+        raise _too_large(f"video is {len(data)} bytes, limit {limits.max_video_bytes}")
+    try:
+        container = av.open(io.BytesIO(data), mode="r")
+    except (av.FFmpegError, OSError, ValueError) as exc:
+        raise _invalid(f"not a readable video container: {exc}") from None
+    if not container.streams.video:
+        container.close()
+        raise _invalid("the file has no video stream")
+    stream = container.streams.video[0]
+    width, height = stream.codec_context.width, stream.codec_context.height
+    if width * height > limits.max_video_pixels:
+        container.close()
+        raise _too_large(f"video is {width}x{height}, limit {limits.max_video_pixels} pixels per frame")
+    return container, stream
+
+
+@dataclass
+class _Index:
+    """What one demux pass (no decoding) tells about a stream."""
+
+    keyframes: list[float]  # presentation times, sorted
+    packets: int
+    start_s: float
+    duration_s: float
+    fps: float
+
+
+def _index(container, stream) -> _Index:
+    base = stream.time_base or Fraction(1, 90000)
+    keyframes: list[float] = []
+    first, last_end, packets = math.inf, -math.inf, 0
+    for packet in container.demux(stream):
+        if packet.pts is None or packet.size == 0:
+            continue  # the flush packet
+        packets += 1
+        t = float(packet.pts * base)
+        first = min(first, t)
+        last_end = max(last_end, t + float((packet.duration or 0) * base))
+        if packet.is_keyframe:
+            keyframes.append(t)
+    if packets == 0:
+        raise _invalid("the video stream has no frames")
+    rate = stream.average_rate or stream.guessed_rate
+    fps = float(rate) if rate else packets / max(last_end - first, 1e-6)
+    duration = max(last_end - first, packets / fps if fps else 0.0)
+    return _Index(sorted(keyframes) or [first], packets, first, duration, fps)
+
+
+def _targets(index: _Index, num_frames: int) -> list[float]:
+    step = index.duration_s / num_frames
+    return [index.start_s + (i + 0.5) * step for i in range(num_frames)]
+
+
+def _check_frames(index: _Index, limits: MediaLimits, num_frames: int | None) -> int:
+    if index.duration_s > limits.max_video_seconds:
+        raise _too_large(f"video is {index.duration_s:.1f} s long, limit {limits.max_video_seconds:.0f} s")
+    wanted = num_frames or limits.default_video_frames
+    if wanted > limits.max_video_frames:
+        raise _too_large(f"{wanted} frames asked for, limit {limits.max_video_frames}")
+    return min(wanted, index.packets)  # never repeat a source frame
+
+
+def _rgb(frame) -> np.ndarray:
+    return frame.to_ndarray(format="rgb24")
+
+
+def decode_video(data: bytes, limits: MediaLimits, num_frames: int | None = None) -> VideoFrames:
+    """Sample `num_frames` frames at uniform timestamps, decoding only what is needed.
+
+    For each timestamp: if its keyframe lies ahead of where the decoder is,
+    seek there; otherwise keep decoding forward. The frame shown at the
+    timestamp (the last one starting at or before it) is kept.
+    """
+    import av
+
+    container, stream = _open_container(data, limits)
+    try:
+        index = _index(container, stream)
+        count = _check_frames(index, limits, num_frames)
+        targets = _targets(index, count)
+        frames: list[np.ndarray] = []
+        decoder, position, previous = None, -math.inf, None
+        for target in targets:
+            keyframe = index.keyframes[max(0, bisect.bisect_right(index.keyframes, target + 1e-6) - 1)]
+            if decoder is None or target < position or keyframe > position:
+                container.seek(_to_pts(keyframe, stream), stream=stream, backward=True)
+                decoder, previous = container.decode(stream), None
+            chosen = None
+            for frame in decoder:
+                t = frame.time if frame.time is not None else position
+                position = t
+                if t > target + 1e-6:
+                    chosen = previous if previous is not None else frame
+                    previous = frame
+                    break
+                previous = frame
+            if chosen is None:  # ran off the end: the last frame is the one shown
+                if previous is None:
+                    raise _invalid("no frame could be decoded at the sampled time")
+                chosen = previous
+            frames.append(_rgb(chosen))
+        return VideoFrames(np.stack(frames), index.fps, index.duration_s, index.packets, targets)
+    except av.FFmpegError as exc:
+        raise _invalid(f"corrupt video: {exc}") from None
+    finally:
+        container.close()
+
+
+def _to_pts(seconds: float, stream) -> int:
+    return int(math.floor(seconds / float(stream.time_base))) if stream.time_base else 0
+
+
+def decode_video_all_frames(data: bytes, limits: MediaLimits, num_frames: int | None = None) -> VideoFrames:
+    """Reference path: decode every frame and keep the same ones as `decode_video`.
+
+    Only the benchmark (seek vs full decode) and the tests use this.
+    """
+    import av
+
+    container, stream = _open_container(data, limits)
+    try:
+        index = _index(container, stream)
+        count = _check_frames(index, limits, num_frames)
+        targets = _targets(index, count)
+        container.seek(_to_pts(index.keyframes[0], stream), stream=stream, backward=True)
+        chosen: list = [None] * count
+        for frame in container.decode(stream):
+            for i, target in enumerate(targets):
+                if frame.time is not None and frame.time <= target + 1e-6:
+                    chosen[i] = frame
+                elif chosen[i] is None:
+                    chosen[i] = frame
+        if any(c is None for c in chosen):
+            raise _invalid("the video stream has no decodable frames")
+        return VideoFrames(np.stack([_rgb(c) for c in chosen]), index.fps, index.duration_s, index.packets, targets)
+    except av.FFmpegError as exc:
+        raise _invalid(f"corrupt video: {exc}") from None
+    finally:
+        container.close()
+
+
+# ---------------------------------------------------------------- samples
+
+
+def make_sample_image(width: int = 640, height: int = 480, seed: int = 0, format: str = "JPEG") -> bytes:
+    """A photo-like test image: a smooth gradient with a few coloured shapes."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    phase = rng.uniform(0, 2 * np.pi, 3)
+    channels = [127 + 100 * np.sin(x / max(width, 1) * 3 + y / max(height, 1) * 2 + p) for p in phase]
+    pixels = np.clip(np.stack(channels, axis=-1) + rng.normal(0, 6, (height, width, 3)), 0, 255)
+    image = Image.fromarray(pixels.astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(image)
+    for _ in range(6):
+        x0, y0 = rng.integers(0, max(width - 8, 1)), rng.integers(0, max(height - 8, 1))
+        size = int(rng.integers(8, max(9, min(width, height) // 3)))
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        box = (int(x0), int(y0), int(x0) + size, int(y0) + size)
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=colour)
+    out = io.BytesIO()
+    image.save(out, format=format, **({"quality": 90} if format.upper() == "JPEG" else {}))
+    return out.getvalue()
+
+
+def frame_marker(index: int) -> tuple[int, int, int]:
+    """The colour of the top band of frame `index` in `make_sample_video`."""
+    return (index % 32) * 8, (index // 32 % 32) * 8, 128
+
+
+def make_sample_video(
+    seconds: float = 2.0, fps: int = 10, width: int = 128, height: int = 96, *, gop: int | None = None
+) -> bytes:
+    """An MP4 with a moving shape; the top band's colour encodes the frame index.
+
+    H.264 (libx264) if this PyAV build has it, else MPEG-4 part 2. `gop` is
+    the keyframe interval in frames (default: one keyframe per second).
+    """
+    import av
+
+    width, height = width + width % 2, height + height % 2  # yuv420p needs even sizes
+    out = io.BytesIO()
+    with av.open(out, mode="w", format="mp4") as container:
+        codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.codec_context.gop_size = gop or fps
+        if codec == "libx264":
+            stream.codec_context.options = {"preset": "ultrafast", "crf": "18"}
+        y, x = np.mgrid[0:height, 0:width]
+        background = np.stack([x * 255 // max(width, 1), y * 255 // max(height, 1), np.full_like(x, 96)], axis=-1)
+        band = max(2, height // 4)
+        total = max(1, int(round(seconds * fps)))
+        for i in range(total):
+            pixels = background.astype(np.uint8).copy()
+            cx = int((i / total) * (width - band)) + band // 2
+            pixels[band + 2 :, max(0, cx - band // 2) : cx + band // 2] = (250, 250, 40)
+            pixels[:band] = frame_marker(i)
+            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return out.getvalue()

@@ -1,0 +1,156 @@
+"""The Celery app factory.
+
+JSON only (a pickle message is refused), late acks, reject on worker loss,
+prefetch 1, queues "infer" (GPU) and "callbacks" (cheap), task events on so
+Flower and `celery inspect` work. `create_app(settings)` is what the CLI
+uses; `celery -A worker.celery_app worker --pool threads` also works: the
+module attribute `app` is built from the environment on first access, not
+on import.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+import structlog
+from celery import Celery, signals
+from kombu import Queue
+
+from api_client import keys
+from worker.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+
+def create_app(settings: Settings) -> Celery:
+    if not settings.redis_url:
+        raise ValueError("settings.redis_url is required (the CLI starts an embedded Redis when unset)")
+    app = Celery("internvl-queue", broker=settings.redis_url, set_as_current=False)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_pool="threads",
+        worker_concurrency=settings.resolved_concurrency,
+        task_queues=[Queue(keys.INFER_QUEUE), Queue(keys.CALLBACKS_QUEUE)],
+        task_default_queue=keys.INFER_QUEUE,
+        task_routes={keys.NOTIFY_TASK: {"queue": keys.CALLBACKS_QUEUE},
+                     keys.CALLBACK_TASK: {"queue": keys.CALLBACKS_QUEUE}},
+        broker_transport_options=keys.broker_transport_options(settings.visibility_timeout_s),
+        broker_connection_retry_on_startup=True,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        worker_hijack_root_logger=False,
+        worker_soft_shutdown_timeout=float(settings.drain_timeout_s),
+    )
+    app.ivq_settings = settings
+    app.ivq_runtime = None
+    app.ivq_redis = None
+    _register_tasks(app)
+    return app
+
+
+def _register_tasks(app: Celery) -> None:
+    settings: Settings = app.ivq_settings
+
+    @app.task(name=keys.INFER_TASK, ignore_result=True)
+    def infer(job_id: str) -> str:
+        runtime = app.ivq_runtime
+        if runtime is None:
+            raise RuntimeError("this worker does not serve the infer queue (no model loaded)")
+        return runtime.process(job_id)
+
+    @app.task(name=keys.NOTIFY_TASK, ignore_result=True)
+    def notify(job_id: str, event: str) -> str:
+        from worker.notify import build_event_delivery
+
+        delivery = build_event_delivery(_redis(app), job_id, event)
+        if delivery is None:
+            return "no-callback"
+        return deliver_callback.run(delivery)
+
+    @app.task(name=keys.CALLBACK_TASK, ignore_result=True)
+    def deliver_callback(delivery: dict) -> str:
+        from worker.callbacks import handle_delivery
+
+        nxt = handle_delivery(delivery, settings=settings, redis=_redis(app))
+        if nxt is None:
+            return "done"
+        retry, delay = nxt
+        app.send_task(keys.CALLBACK_TASK, args=[retry], queue=keys.CALLBACKS_QUEUE, countdown=delay)
+        return f"retry in {delay:.1f}s"
+
+
+def _redis(app: Celery) -> Any:
+    if app.ivq_redis is None:
+        import redis
+
+        app.ivq_redis = redis.Redis.from_url(app.ivq_settings.redis_url, socket_timeout=30,
+                                             socket_connect_timeout=5, health_check_interval=30)
+    return app.ivq_redis
+
+
+def start_runtime(app: Celery, *, load_model: bool | None = None) -> Any:
+    """Load the model, warm up and start the model thread, once (before consuming)."""
+    from worker.runtime import WorkerRuntime
+
+    if app.ivq_runtime is not None:
+        return app.ivq_runtime
+    settings: Settings = app.ivq_settings
+    if load_model is None:
+        load_model = keys.INFER_QUEUE in settings.queues
+    runtime = WorkerRuntime(settings, send_task=app.send_task, load_model=load_model)
+    if settings.metrics_port is not None:
+        from worker.observability import ObservabilityServer
+
+        runtime.server = ObservabilityServer(settings.metrics_port, runtime.metrics, runtime.health).start()
+    runtime.start()
+    app.ivq_runtime = runtime
+    return runtime
+
+
+def install_shutdown_hooks(app: Celery) -> None:
+    """SIGTERM begins the drain; a watchdog ends the process if the drain overruns."""
+
+    def on_shutdown(sig: str = "", how: str = "", exitcode: int = 0, **_: Any) -> None:
+        runtime = app.ivq_runtime
+        if runtime is None:
+            return
+        runtime.begin_drain()
+        limit = app.ivq_settings.drain_timeout_s + 5
+
+        def watchdog() -> None:
+            log.error("worker.drain_overrun", limit_s=limit)
+            os._exit(1)  # leases expire and another worker finishes what was in flight
+
+        timer = threading.Timer(limit, watchdog)
+        timer.daemon = True
+        timer.start()
+
+    signals.worker_shutting_down.connect(on_shutdown, weak=False)
+
+    def on_worker_init(sender: Any = None, **_: Any) -> None:
+        if getattr(sender, "app", None) is app:
+            start_runtime(app)
+
+    signals.worker_init.connect(on_worker_init, weak=False)
+
+
+def __getattr__(name: str) -> Any:
+    # `celery -A worker.celery_app` looks up `app`; build it then, from the environment.
+    if name == "app":
+        from worker.observability import configure_logging
+
+        settings = Settings()
+        configure_logging(settings.log_level)
+        built = create_app(settings)
+        install_shutdown_hooks(built)
+        globals()["app"] = built
+        return built
+    raise AttributeError(name)

@@ -1,0 +1,269 @@
+"""The `internvl-queue` command.
+
+Client verbs (submit, status, wait, result, cancel) import only api_client,
+so they start fast; the model stack loads only for worker, demo, bench and
+make-tiny-model. This is the entrypoint: the one place that reads the
+environment (through Settings) and passes it down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+
+def _client(args: argparse.Namespace):
+    from api_client import JobClient
+
+    url = args.redis_url or os.environ.get("IVQ_REDIS_URL")
+    if not url:
+        sys.exit("error: no Redis to talk to: pass --redis-url or set IVQ_REDIS_URL")
+    return JobClient(url)
+
+
+def _print_status(status: Any, as_json: bool, extra: dict | None = None) -> None:
+    data = status.model_dump(mode="json", exclude_none=True)
+    data.update(extra or {})
+    if as_json:
+        print(json.dumps(data))
+        return
+    line = f"{status.job_id}  {status.state.value}"
+    if status.error:
+        line += f"  error={status.error.code.value}: {status.error.message}"
+    if status.output_preview:
+        line += f"\n  output: {status.output_preview}"
+    print(line)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from api_client import RequestRejected
+
+    content = [{"type": "image", "url": u} for u in args.image]
+    content += [{"type": "video", "url": u} for u in args.video]
+    content.append({"type": "text", "text": args.prompt})
+    request: dict[str, Any] = {"messages": [{"role": "user", "content": content}],
+               "generation": {"max_new_tokens": args.max_new_tokens}}
+    if args.callback_url:
+        request["callback"] = {"url": args.callback_url}
+        if args.callback_event:
+            request["callback"]["events"] = args.callback_event
+    if args.idempotency_key:
+        request["idempotency_key"] = args.idempotency_key
+    if args.priority:
+        request["priority"] = args.priority
+    client = _client(args)
+    try:
+        job_id = client.submit(request)
+    except RequestRejected as exc:
+        if args.json:
+            print(json.dumps({"job_id": None, "state": "rejected", "error": {"code": exc.code, "message": exc.message}}))
+        else:
+            print(f"rejected: {exc.code}: {exc.message}", file=sys.stderr)
+        return 2
+    if args.wait:
+        return _finish(client.wait(job_id, timeout=args.timeout), args.json)
+    if args.json:
+        print(json.dumps({"job_id": job_id, "state": client.status(job_id).state.value}))
+    else:
+        print(job_id)
+    return 0
+
+
+def _finish(status: Any, as_json: bool) -> int:
+    _print_status(status, as_json)
+    return 0 if status.state.value == "succeeded" else 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    _print_status(_client(args).status(args.job_id), args.json)
+    return 0
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    from api_client import WaitTimeout
+
+    try:
+        return _finish(_client(args).wait(args.job_id, timeout=args.timeout), args.json)
+    except WaitTimeout as exc:
+        print(json.dumps({"job_id": args.job_id, "state": "waiting", "error": {"code": "timeout", "message": str(exc)}})
+              if args.json else f"timeout: {exc}")
+        return 3
+
+
+def cmd_result(args: argparse.Namespace) -> int:
+    client = _client(args)
+    status = client.status(args.job_id)
+    result = client.result(args.job_id)
+    if args.json:
+        data = {"job_id": args.job_id, "state": status.state.value}
+        if result:
+            data["result"] = result.model_dump(mode="json")
+        if status.error:
+            data["error"] = status.error.model_dump(mode="json")
+        print(json.dumps(data))
+    elif result:
+        print(result.output_text)
+    else:
+        _print_status(status, False)
+    return 0 if result else 1
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    _print_status(_client(args).cancel(args.job_id), args.json)
+    return 0
+
+
+def cmd_callbacks(args: argparse.Namespace) -> int:
+    import redis
+
+    from api_client import keys
+    from api_client.client import producer_app
+    from worker.callbacks import list_dead, take_dead
+
+    url = args.redis_url or os.environ.get("IVQ_REDIS_URL")
+    if not url:
+        sys.exit("error: pass --redis-url or set IVQ_REDIS_URL")
+    r = redis.Redis.from_url(url)
+    if args.action == "dead":
+        entries = list_dead(r, limit=args.limit)
+        for e in entries:
+            print(json.dumps(e) if args.json else
+                  f"{e['delivery']['webhook_id']}  job={e['delivery'].get('job_id')}  "
+                  f"event={e['delivery']['event']}  reason={e['reason']}")
+        return 0
+    app = producer_app(url)
+    replayed = take_dead(r, args.webhook_id)
+    for delivery in replayed:
+        app.send_task(keys.CALLBACK_TASK, args=[delivery], queue=keys.CALLBACKS_QUEUE)
+    print(f"replayed {len(replayed)} deliveries")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from worker.celery_app import create_app, install_shutdown_hooks, start_runtime
+    from worker.observability import configure_logging
+    from worker.settings import Settings
+
+    settings = Settings()
+    configure_logging(settings.log_level)
+    embedded = None
+    if not settings.redis_url:
+        from worker.embedded import EmbeddedRedis
+
+        embedded = EmbeddedRedis(settings.data_dir / "redis", appendonly=True)
+        settings = settings.model_copy(update={"redis_url": embedded.url})
+        print(f"embedded redis at {embedded.url} (set IVQ_REDIS_URL to use your own)", file=sys.stderr)
+    app = create_app(settings)
+    install_shutdown_hooks(app)
+    start_runtime(app)  # load + warm up before taking any message
+    worker = app.Worker(
+        hostname=f"{settings.resolved_worker_id}@%h", pool="threads",
+        concurrency=settings.resolved_concurrency, queues=settings.queues,
+        loglevel=settings.log_level, optimization="fair",
+    )
+    try:
+        worker.start()
+    finally:
+        app.ivq_runtime.stop()
+        if embedded:
+            embedded.stop()
+    return worker.exitcode or 0
+
+
+def cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    from model_runtime.tiny import build_tiny
+
+    print(build_tiny(args.dir, size=args.size))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from worker.demo import run_demo
+
+    return run_demo(jobs=args.jobs)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from benchmarks.run import main as bench_main
+
+    return bench_main(args.rest)
+
+
+def cmd_simulate_autoscale(args: argparse.Namespace) -> int:
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "deploy" / "autoscale_sim.py"
+    spec = importlib.util.spec_from_file_location("autoscale_sim", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="internvl-queue", description="Queued, micro-batched InternVL inference")
+    sub = p.add_subparsers(dest="verb", required=True)
+
+    def client_verb(name: str, fn, help_: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_)
+        sp.add_argument("--redis-url", help="default: $IVQ_REDIS_URL")
+        sp.add_argument("--json", action="store_true", help="print one JSON object")
+        sp.set_defaults(fn=fn)
+        return sp
+
+    sp = client_verb("submit", cmd_submit, "submit one job")
+    sp.add_argument("--prompt", required=True)
+    sp.add_argument("--image", action="append", default=[], help="s3://bucket/key or file:// URL (repeatable)")
+    sp.add_argument("--video", action="append", default=[])
+    sp.add_argument("--max-new-tokens", type=int, default=64)
+    sp.add_argument("--callback-url")
+    sp.add_argument("--callback-event", action="append", choices=["running", "succeeded", "failed", "cancelled"])
+    sp.add_argument("--idempotency-key")
+    sp.add_argument("--priority", type=int, default=0)
+    sp.add_argument("--wait", action="store_true")
+    sp.add_argument("--timeout", type=float, default=None)
+    for name, fn, help_ in (("status", cmd_status, "show a job's state"), ("result", cmd_result, "print a result"),
+                            ("cancel", cmd_cancel, "cancel a queued or running job")):
+        client_verb(name, fn, help_).add_argument("job_id")
+    sp = client_verb("wait", cmd_wait, "block until a job ends")
+    sp.add_argument("job_id")
+    sp.add_argument("--timeout", type=float, default=None)
+
+    sp = client_verb("callbacks", cmd_callbacks, "list or replay dead callback deliveries")
+    sp.add_argument("action", choices=["dead", "replay"])
+    sp.add_argument("--webhook-id", default=None, help="replay only this one")
+    sp.add_argument("--limit", type=int, default=100)
+
+    sub.add_parser("worker", help="run a worker (settings from IVQ_* variables)").set_defaults(fn=cmd_worker)
+    sp = sub.add_parser("demo", help="the whole path on an embedded Redis with the tiny model")
+    sp.add_argument("--jobs", type=int, default=30)
+    sp.set_defaults(fn=cmd_demo)
+    sp = sub.add_parser("make-tiny-model", help="build the tiny random-weight checkpoint")
+    sp.add_argument("dir")
+    sp.add_argument("--size", choices=["tiny", "small"], default="tiny")
+    sp.set_defaults(fn=cmd_make_tiny_model)
+    for name, fn in (("bench", cmd_bench), ("simulate-autoscale", cmd_simulate_autoscale)):
+        sp = sub.add_parser(name, help=f"{name} (see --help after the verb)", add_help=False)
+        sp.add_argument("rest", nargs=argparse.REMAINDER)
+        sp.set_defaults(fn=fn)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except Exception as exc:  # one clear line for client errors, not a traceback
+        from api_client.errors import ApiError
+
+        if isinstance(exc, ApiError):
+            print(json.dumps({"error": {"code": exc.code, "message": str(exc)}}), file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""WorkerRuntime: one worker process's long-lived pieces and their lifecycle.
+
+Start (fail fast, like TGI): connect Redis, open the store, load the model,
+warm up at the largest batch, start the one model thread (the MicroBatcher),
+the lease renewer and the sweeper; only then is the worker ready.
+Drain (SIGTERM): stop taking jobs, let the batch in flight finish, hand the
+jobs that never reached the model back to the queue.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis
+import structlog
+
+from api_client import keys
+from api_client.schema import CallbackSpec
+from worker.batcher import BatchInfo, MicroBatcher
+from worker.jobs import Claim, JobStore
+from worker.observability import Health, Metrics
+from worker.pipeline import BatchOutcome, JobContext, process_job
+from worker.settings import Settings
+from worker.storage import open_store
+
+log = structlog.get_logger(__name__)
+
+
+class WorkerRuntime:
+    def __init__(
+        self, settings: Settings, *, send_task: Callable[..., Any], metrics: Metrics | None = None,
+        health: Health | None = None, load_model: bool = True,
+    ):
+        self.settings = settings
+        self.worker_id = settings.resolved_worker_id
+        self.send_task = send_task
+        self.metrics = metrics or Metrics()
+        self.redis = redis.Redis.from_url(
+            settings.redis_url, socket_timeout=30, socket_connect_timeout=5, health_check_interval=30,
+            retry_on_timeout=True,
+        )
+        self.jobs = JobStore(self.redis, worker_id=self.worker_id, lease_s=settings.lease_s,
+                             max_crashes=settings.max_crashes)
+        self.store = open_store(
+            settings.resolved_store_url, s3_endpoint_url=settings.s3_endpoint_url,
+            allowed_file_root=settings.resolved_file_root, s3_allowed_buckets=settings.s3_allowed_buckets,
+        )
+        self.health = health or Health(broker_ok_fn=self._broker_ok, pending_fn=lambda: self.batcher.pending
+                                       if self.batcher else 0)
+        self.load_model = load_model
+        self.batcher: MicroBatcher | None = None
+        self.engine: Any = None
+        self.loaded: Any = None
+        self._held: dict[str, Claim] = {}
+        self._held_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._draining = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._batch_seq = 0
+
+    # ---- lifecycle ---------------------------------------------------------
+    def start(self) -> "WorkerRuntime":
+        t0 = time.perf_counter()
+        self.redis.ping()
+        if self.load_model:
+            self._load()
+        self.metrics.model_loaded(time.perf_counter() - t0)
+        for name, target in (("lease-renewer", self._renew_loop), ("sweeper", self._sweep_loop)):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+        self.health.model_ready = True
+        self.health.warmed_up = True
+        self.heartbeat()
+        log.info("worker.ready", worker_id=self.worker_id, startup_s=round(time.perf_counter() - t0, 3),
+                 model=self.settings.model, max_batch_size=self.settings.max_batch_size)
+        return self
+
+    def _load(self) -> None:
+        from model_runtime.engine import Engine
+        from model_runtime.loading import load_runtime
+        from model_runtime.media import MediaLimits
+
+        s = self.settings
+        self.loaded = load_runtime(
+            s.model, cache_dir=s.resolved_model_cache_dir, device=s.device, dtype=s.dtype,
+            attn_implementation=s.attn_implementation, quantization=s.quantization,
+        )
+        self.engine = Engine(self.loaded, max_batch_size=s.max_batch_size)
+        if s.warmup:
+            self.engine.warmup(s.max_batch_size)
+        self.media_limits = MediaLimits(
+            max_image_bytes=s.max_image_bytes, max_image_pixels=s.max_image_pixels,
+            max_video_bytes=s.max_video_bytes, max_video_seconds=s.max_video_seconds,
+            max_video_pixels=s.max_video_pixels, max_video_frames=s.max_video_frames,
+            default_video_frames=s.default_video_frames,
+        )
+        self.batcher = MicroBatcher(
+            self._run_batch, max_batch_size=s.max_batch_size, max_wait_ms=s.max_wait_ms,
+            max_batch_cost=s.max_batch_cost, cost=lambda p: p.cost, group_key=lambda p: p.generation.group_key(),
+            on_loop=self.health.batch_heartbeat, name="model-thread",
+        ).start()
+        self.metrics.set_info(model=self.loaded.model_id, device=self.loaded.device, dtype=str(self.loaded.dtype),
+                              attention=self.loaded.attn_implementation, worker_id=self.worker_id)
+
+    def begin_drain(self) -> None:
+        """SIGTERM: not ready, take no new jobs, hand back those not yet in a batch."""
+        if self._draining.is_set():
+            return
+        self._draining.set()
+        self.health.draining = True
+        log.info("worker.draining", drain_timeout_s=self.settings.drain_timeout_s)
+        if self.batcher is not None:
+            threading.Thread(target=self._drain_batcher, name="drain", daemon=True).start()
+
+    def _drain_batcher(self) -> None:
+        # The batch in flight finishes; items still pending fail with BatcherClosed,
+        # which the pipeline classifies as "hand back without counting an attempt".
+        self.batcher.stop(drain=False, timeout=self.settings.drain_timeout_s)
+
+    def stop(self) -> None:
+        self.begin_drain()
+        self._stop.set()
+        if self.batcher is not None:
+            self.batcher.stop(drain=False, timeout=self.settings.drain_timeout_s)
+        for t in self._threads:
+            t.join(timeout=5)
+        self.redis.close()
+
+    @property
+    def draining(self) -> bool:
+        return self._draining.is_set()
+
+    # ---- the job path ------------------------------------------------------
+    def context(self) -> JobContext:
+        return JobContext(
+            settings=self.settings, jobs=self.jobs, store=self.store, batcher=self.batcher,
+            processor=self.loaded.processor if self.loaded else None,
+            model_id=self.loaded.model_id if self.loaded else self.settings.model,
+            context_length=self.loaded.context_length if self.loaded else None,
+            media_limits=getattr(self, "media_limits", None), metrics=self.metrics,
+            enqueue=self.enqueue, notify=self.notify, hold=self._hold, release=self._release,
+            is_draining=self._draining.is_set, fetch_https=self._fetch_https if self.settings.allow_https_media else None,
+        )
+
+    def process(self, job_id: str) -> str:
+        return process_job(self.context(), job_id)
+
+    def _run_batch(self, items: list, info: BatchInfo) -> list:
+        self._batch_seq += 1
+        batch_id = f"{self.worker_id}:{self._batch_seq}"
+        structlog.contextvars.bind_contextvars(batch_id=batch_id)
+        t0 = time.perf_counter()
+        outputs = self.engine.generate_batch(items)
+        generate_s = time.perf_counter() - t0
+        tokens = sum(getattr(o, "completion_tokens", 0) for o in outputs)
+        self.metrics.observe_batch(info.size, info.cost, generate_s, tokens)
+        log.info("batch.done", size=info.size, cost=info.cost, generate_s=round(generate_s, 4), tokens=tokens)
+        structlog.contextvars.unbind_contextvars("batch_id")
+        return [BatchOutcome(o, batch_id, info.size, w) for o, w in zip(outputs, info.waited_s)]
+
+    def _fetch_https(self, url: str, max_bytes: int) -> bytes:
+        from worker.errors import JobFailed
+        from worker.netguard import guarded_request
+
+        resp = guarded_request("GET", url, headers={}, body=None, timeout_s=30, max_response_bytes=max_bytes + 1,
+                               allow_private=self.settings.callback_allow_private)
+        if resp.status == 404:
+            raise JobFailed("media_not_found", f"{resp.status} from media host")
+        if resp.status >= 500:
+            raise JobFailed("storage_unavailable", f"{resp.status} from media host", retryable=True)
+        if resp.status != 200:
+            raise JobFailed("invalid_media", f"{resp.status} from media host")
+        if len(resp.body) > max_bytes:
+            raise JobFailed("media_too_large", f"media over {max_bytes} bytes")
+        return resp.body
+
+    # ---- messages ----------------------------------------------------------
+    def enqueue(self, job_id: str, priority: int = 0, countdown: float = 0) -> None:
+        self.send_task(keys.INFER_TASK, args=[job_id], queue=keys.INFER_QUEUE,
+                       priority=keys.celery_priority(priority), countdown=countdown or None)
+
+    def notify(self, claim_or_id: Claim | str, event: str) -> None:
+        """Queue a callback delivery for this event if the request asked for one."""
+        if isinstance(claim_or_id, Claim):
+            job_id, callback_json = claim_or_id.job_id, claim_or_id.callback_json
+        else:
+            job_id = claim_or_id
+            raw = self.redis.hget(keys.job(job_id), "request")
+            cb = json.loads(raw).get("callback") if raw else None
+            callback_json = json.dumps(cb) if cb else None
+        if not callback_json:
+            return
+        if event not in CallbackSpec.model_validate_json(callback_json).events:
+            return
+        self.send_task(keys.NOTIFY_TASK, args=[job_id, event], queue=keys.CALLBACKS_QUEUE)
+
+    # ---- leases and the sweeper -------------------------------------------
+    def _hold(self, claim: Claim) -> None:
+        with self._held_lock:
+            self._held[claim.job_id] = claim
+
+    def _release(self, claim: Claim) -> None:
+        with self._held_lock:
+            self._held.pop(claim.job_id, None)
+
+    def _renew_loop(self) -> None:
+        interval = max(0.2, self.settings.lease_s / 3)
+        while not self._stop.wait(interval):
+            with self._held_lock:
+                claims = list(self._held.values())
+            for claim in claims:
+                try:
+                    if not self.jobs.renew(claim):
+                        log.info("job.claim_lost", job_id=claim.job_id)
+                except redis.RedisError as exc:
+                    log.warning("lease.renew_failed", job_id=claim.job_id, error=str(exc))
+
+    def heartbeat(self) -> None:
+        """Tell operators (and the demo) that this worker is up and what it runs."""
+        info = {"worker_id": self.worker_id, "at": time.time(), "draining": self.draining,
+                "model": self.loaded.model_id if self.loaded else None,
+                "max_batch_size": self.settings.max_batch_size}
+        self.redis.hset(keys.WORKERS, self.worker_id, json.dumps(info))
+        self.redis.expire(keys.WORKERS, max(60, 3 * self.settings.lease_s))
+
+    def _sweep_loop(self) -> None:
+        interval = max(0.5, self.settings.lease_s / 2)
+        while not self._stop.wait(interval):
+            try:
+                self.heartbeat()
+                self.sweep_once()
+            except Exception as exc:  # noqa: BLE001 - a sweep failure must not kill the worker
+                log.warning("sweep.failed", error=str(exc))
+
+    def sweep_once(self) -> None:
+        result = self.jobs.sweep(resend_after_s=self.settings.visibility_timeout_s)
+        for job_id in result.requeued + result.resend:
+            self.enqueue(job_id, self.jobs.priority(job_id))
+        for job_id in result.poisoned:
+            self.metrics.job_finished("failed", "poison")
+            self.notify(job_id, "failed")
+        if result.requeued or result.poisoned or result.resend:
+            log.info("sweep.done", requeued=len(result.requeued), poisoned=len(result.poisoned),
+                     resent=len(result.resend))
+
+    def _broker_ok(self) -> bool:
+        try:
+            return bool(self.redis.ping())
+        except redis.RedisError:
+            return False

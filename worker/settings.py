@@ -1,0 +1,111 @@
+"""Worker settings from IVQ_* environment variables, built once at the entrypoint.
+
+Nothing reads the environment on import: `Settings()` is called by the CLI
+(or a test builds its own) and the object is passed down.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="IVQ_", extra="ignore")
+
+    # Where things are. No redis_url means "start an embedded redis-server".
+    redis_url: str | None = None
+    data_dir: Path = Path(".ivq-data")
+    store_url: str | None = None  # s3://bucket/prefix or file:///dir; default file://{data_dir}/store
+    s3_endpoint_url: str | None = None
+    s3_allowed_buckets: list[str] = Field(default_factory=list)  # empty: any bucket
+    allowed_file_root: Path | None = None  # default: the file store's directory
+    allow_https_media: bool = False
+
+    # The model.
+    model: str = "tiny"  # "tiny" | hub id | local directory
+    model_cache_dir: Path | None = None  # default {data_dir}/models
+    device: str = "auto"
+    dtype: str = "auto"
+    attn_implementation: str = "auto"  # auto | flash_attention_2 | sdpa | eager
+    quantization: str = "none"  # none | 4bit | 8bit (bitsandbytes)
+    warmup: bool = True
+
+    # Batching.
+    max_batch_size: int = Field(default=8, ge=1, le=256)
+    max_batch_cost: float | None = None  # None: size limit only
+    max_wait_ms: float = Field(default=20.0, ge=0)
+    concurrency: int | None = None  # task threads; default 2 * max_batch_size
+
+    # Media limits (checked in the worker on the real bytes).
+    max_image_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    max_video_bytes: int = 200 * 1024 * 1024
+    max_video_seconds: float = 600.0
+    max_video_pixels: int = 3840 * 2160
+    max_video_frames: int = 32
+    default_video_frames: int = 8
+    max_tiles: int = 12
+
+    # Reliability (issue: lifecycle). visibility_timeout_s must exceed the longest job.
+    visibility_timeout_s: int = 3600
+    lease_s: int = 60
+    max_attempts: int = 3
+    max_crashes: int = 2  # deliveries that killed a worker before a job is "poison"
+    drain_timeout_s: int = 60
+    job_timeout_s: float = 600.0
+
+    # Callbacks.
+    webhook_secret: SecretStr | None = None  # whsec_<base64>
+    webhook_secrets: dict[str, SecretStr] = Field(default_factory=dict)  # name -> whsec_...
+    callback_allow_private: bool = False
+    callback_max_attempts: int = 8
+    callback_backoff_base_s: float = 2.0
+    callback_backoff_cap_s: float = 600.0
+    callback_timeout_s: float = 10.0
+
+    # Operations.
+    metrics_port: int | None = None  # None: no HTTP server
+    log_level: str = "INFO"
+    worker_id: str | None = None
+    queues: list[str] = Field(default_factory=lambda: ["infer", "callbacks"])
+
+    @field_validator("s3_allowed_buckets", "queues", mode="before")
+    @classmethod
+    def _comma_list(cls, v):
+        if isinstance(v, str) and not v.strip().startswith("["):
+            return [x.strip() for x in v.split(",") if x.strip()]
+        return v
+
+    @field_validator("webhook_secrets", mode="before")
+    @classmethod
+    def _json_dict(cls, v):
+        return json.loads(v) if isinstance(v, str) else v
+
+    # Derived values, so callers never repeat the defaults.
+    @property
+    def resolved_store_url(self) -> str:
+        return self.store_url or f"file://{(self.data_dir / 'store').resolve()}"
+
+    @property
+    def resolved_file_root(self) -> Path | None:
+        if self.allowed_file_root is not None:
+            return self.allowed_file_root.resolve()
+        url = self.resolved_store_url
+        return Path(url[len("file://") :]).resolve() if url.startswith("file://") else None
+
+    @property
+    def resolved_model_cache_dir(self) -> Path:
+        return (self.model_cache_dir or self.data_dir / "models").resolve()
+
+    @property
+    def resolved_concurrency(self) -> int:
+        return self.concurrency or max(2, 2 * self.max_batch_size)
+
+    @property
+    def resolved_worker_id(self) -> str:
+        return self.worker_id or f"{os.uname().nodename}-{os.getpid()}"

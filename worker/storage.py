@@ -1,0 +1,393 @@
+"""Object storage: media reads (s3:// and file://) with limits, and result JSON writes.
+
+A store is either an S3 bucket + prefix (AWS, or MinIO/any S3 endpoint) or a
+local directory. Whatever the store's kind, `get_bytes` reads both s3:// and
+file:// media through one `MediaFetcher`, so a file-store deployment can still
+read media from S3. Every failure is one of the typed exceptions below;
+`worker/errors.py` decides what each means for the job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionError as BotoConnectionError,
+    HTTPClientError,
+    IncompleteReadError,
+    NoCredentialsError,
+)
+
+_CHUNK = 1024 * 1024
+MAX_JSON_BYTES = 64 * 1024 * 1024  # a result JSON is small; this only bounds a corrupt one
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
+_NOT_FOUND_CODES = {"404", "NoSuchKey", "NoSuchBucket", "NotFound"}
+_FORBIDDEN_CODES = {"403", "AccessDenied", "AllAccessDisabled", "InvalidObjectState"}
+_TRANSIENT_CODES = {
+    "SlowDown", "Throttling", "ThrottlingException", "RequestThrottled",
+    "RequestTimeout", "RequestTimeoutException", "ServiceUnavailable",
+    "InternalError", "503", "500",
+}  # fmt: skip
+
+
+class StorageError(Exception):
+    """Base of every storage failure; a bare one is permanent and unexpected."""
+
+
+class MediaNotFound(StorageError):
+    """The object, bucket or file does not exist."""
+
+
+class MediaTooLarge(StorageError):
+    """The object is larger than the limit; it was not (fully) downloaded."""
+
+
+class ForbiddenMedia(StorageError):
+    """The URL points outside what this worker may read."""
+
+
+class InvalidMediaUrl(ForbiddenMedia):
+    """The URL is malformed or uses a scheme this store does not read."""
+
+
+class StorageUnavailable(StorageError):
+    """Transient: 5xx, throttling, timeout, connection failure. The caller retries."""
+
+
+def default_boto_config() -> Config:
+    return Config(
+        retries={"max_attempts": 3, "mode": "standard"},
+        connect_timeout=5,
+        read_timeout=30,
+        max_pool_connections=32,
+    )
+
+
+def make_s3_client(
+    endpoint_url: str | None = None, *, boto_config: Config | None = None, **client_kwargs: Any
+):
+    """A boto3 S3 client (thread-safe once built; built from its own Session,
+    because the default session is not safe to share between threads)."""
+    import boto3
+
+    config = default_boto_config()
+    if boto_config is not None:
+        config = config.merge(boto_config)
+    return boto3.session.Session().client(
+        "s3", endpoint_url=endpoint_url, config=config, **client_kwargs
+    )
+
+
+def _check_key(key: str) -> str:
+    if not key or key.startswith("/") or "\\" in key or "\x00" in key:
+        raise InvalidMediaUrl(f"invalid object key {key!r}")
+    if any(part in ("..", ".") for part in key.split("/")):
+        raise ForbiddenMedia(f"object key {key!r} has '.' or '..' segments")
+    return key
+
+
+def parse_s3_url(url: str) -> tuple[str, str]:
+    """`s3://bucket/key` -> (bucket, key). Keys are taken verbatim, like the AWS CLI."""
+    if not url.startswith("s3://"):
+        raise InvalidMediaUrl("not an s3:// URL")
+    bucket, _, key = url[len("s3://") :].partition("/")
+    if not _BUCKET_RE.match(bucket):
+        raise InvalidMediaUrl(f"invalid bucket name {bucket!r}")
+    return bucket, _check_key(key)
+
+
+def _file_url_path(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme != "file" or parts.netloc not in ("", "localhost") or parts.query:
+        raise InvalidMediaUrl("file URLs must look like file:///absolute/path")
+    path = unquote(parts.path)
+    if not path.startswith("/") or "\x00" in path:
+        raise InvalidMediaUrl("file URLs must hold an absolute path")
+    if ".." in path.split("/"):
+        raise ForbiddenMedia("file path has '..' segments")
+    return path
+
+
+def _translate_client_error(exc: ClientError, what: str) -> StorageError:
+    err = exc.response.get("Error", {})
+    code = str(err.get("Code", ""))
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0
+    if code in _NOT_FOUND_CODES or status == 404:
+        return MediaNotFound(f"{what}: not found ({code or status})")
+    if code in _TRANSIENT_CODES or status >= 500 or status == 429:
+        return StorageUnavailable(f"{what}: storage unavailable ({code or status})")
+    if code in _FORBIDDEN_CODES or status == 403:
+        return ForbiddenMedia(f"{what}: access denied ({code or status})")
+    return StorageError(f"{what}: {code or status}")
+
+
+def _translate_boto_error(exc: BotoCoreError, what: str) -> StorageError:
+    if isinstance(exc, NoCredentialsError):
+        return StorageError(f"{what}: no S3 credentials configured")
+    if isinstance(exc, (BotoConnectionError, HTTPClientError, IncompleteReadError)):
+        return StorageUnavailable(f"{what}: {type(exc).__name__}")
+    return StorageError(f"{what}: {type(exc).__name__}")
+
+
+def _read_capped(read, max_bytes: int, what: str) -> bytes:
+    """Read from `read(n)` until EOF, never more than max_bytes + 1 bytes in all."""
+    chunks: list[bytes] = []
+    total = 0
+    while True:
+        chunk = read(min(_CHUNK, max_bytes + 1 - total))
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        total += len(chunk)
+        if total > max_bytes:
+            raise MediaTooLarge(f"{what}: larger than {max_bytes} bytes")
+
+
+class MediaFetcher:
+    """Reads media bytes from s3:// or file:// URLs, within the configured limits.
+
+    The S3 client is built on first use (a file-only deployment never needs
+    one) and then shared by every task thread.
+    """
+
+    def __init__(
+        self,
+        *,
+        allowed_file_root: Path | None = None,
+        s3_allowed_buckets: tuple[str, ...] | list[str] = (),
+        s3_endpoint_url: str | None = None,
+        boto_config: Config | None = None,
+        s3_client: Any | None = None,
+    ) -> None:
+        self.allowed_file_root = Path(allowed_file_root).resolve() if allowed_file_root else None
+        self.s3_allowed_buckets = frozenset(s3_allowed_buckets)
+        self._endpoint_url = s3_endpoint_url
+        self._boto_config = boto_config
+        self._client = s3_client
+        self._client_lock = threading.Lock()
+
+    @property
+    def s3(self):
+        if self._client is None:
+            with self._client_lock:
+                if self._client is None:
+                    self._client = make_s3_client(self._endpoint_url, boto_config=self._boto_config)
+        return self._client
+
+    def get_bytes(self, url: str, *, max_bytes: int) -> bytes:
+        if url.startswith("s3://"):
+            return self._get_s3(url, max_bytes)
+        if url.startswith("file://"):
+            return self._get_file(url, max_bytes)
+        raise InvalidMediaUrl(f"unsupported media URL scheme: {url.split(':', 1)[0]!r}")
+
+    def _get_s3(self, url: str, max_bytes: int) -> bytes:
+        bucket, key = parse_s3_url(url)
+        if self.s3_allowed_buckets and bucket not in self.s3_allowed_buckets:
+            raise ForbiddenMedia(f"bucket {bucket!r} is not in the allowed list")
+        return s3_get_capped(self.s3, bucket, key, max_bytes, what=url)
+
+    def _get_file(self, url: str, max_bytes: int) -> bytes:
+        if self.allowed_file_root is None:
+            raise ForbiddenMedia("file:// media is not enabled on this worker")
+        # resolve() follows symlinks, so a link pointing out of the root is refused.
+        path = Path(_file_url_path(url)).resolve()
+        if not path.is_relative_to(self.allowed_file_root):
+            raise ForbiddenMedia("file path is outside the allowed root")
+        return file_get_capped(path, max_bytes, what=url)
+
+
+def s3_get_capped(client, bucket: str, key: str, max_bytes: int, *, what: str) -> bytes:
+    try:
+        resp = client.get_object(Bucket=bucket, Key=key)
+    except ClientError as exc:
+        raise _translate_client_error(exc, what) from None
+    except BotoCoreError as exc:
+        raise _translate_boto_error(exc, what) from None
+    body = resp["Body"]
+    try:
+        # Refuse from the header first: the body is never downloaded.
+        if int(resp.get("ContentLength") or 0) > max_bytes:
+            raise MediaTooLarge(f"{what}: {resp['ContentLength']} bytes > limit {max_bytes}")
+        return _read_capped(body.read, max_bytes, what)
+    except BotoCoreError as exc:
+        raise _translate_boto_error(exc, what) from None
+    finally:
+        body.close()
+
+
+def file_get_capped(path: Path, max_bytes: int, *, what: str) -> bytes:
+    try:
+        # O_NONBLOCK: opening a FIFO planted under the root must not hang the thread.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise MediaNotFound(f"{what}: not a regular file")
+            if st.st_size > max_bytes:
+                raise MediaTooLarge(f"{what}: {st.st_size} bytes > limit {max_bytes}")
+            return _read_capped(f.read, max_bytes, what)
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        raise MediaNotFound(f"{what}: no such file") from None
+    except PermissionError:
+        raise ForbiddenMedia(f"{what}: permission denied") from None
+
+
+class ObjectStore:
+    """Where results go: `put_json(key)` under the store's own prefix.
+
+    `get_bytes` reads media by URL (s3:// or file://), whatever the store's kind.
+    """
+
+    def __init__(self, fetcher: MediaFetcher) -> None:
+        self.fetcher = fetcher
+
+    def get_bytes(self, url: str, *, max_bytes: int) -> bytes:
+        return self.fetcher.get_bytes(url, max_bytes=max_bytes)
+
+    def url_for(self, key: str) -> str:
+        raise NotImplementedError
+
+    def put_json(self, key: str, obj: dict) -> str:
+        raise NotImplementedError
+
+    def get_json(self, key: str) -> dict:
+        raise NotImplementedError
+
+    def exists(self, key: str) -> bool:
+        raise NotImplementedError
+
+
+class FileStore(ObjectStore):
+    """A local directory. Writes are atomic (temp file + fsync + os.replace)."""
+
+    def __init__(self, root: Path, fetcher: MediaFetcher | None = None) -> None:
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        super().__init__(fetcher or MediaFetcher(allowed_file_root=self.root))
+
+    def _path(self, key: str) -> Path:
+        return self.root / _check_key(key)
+
+    def url_for(self, key: str) -> str:
+        return self._path(key).as_uri()
+
+    def put_json(self, key: str, obj: dict) -> str:
+        path = self._path(key)
+        data = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return self.url_for(key)
+
+    def get_json(self, key: str) -> dict:
+        path = self._path(key)
+        return json.loads(file_get_capped(path, MAX_JSON_BYTES, what=self.url_for(key)))
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def __repr__(self) -> str:
+        return f"FileStore({str(self.root)!r})"
+
+
+class S3Store(ObjectStore):
+    """A bucket and a key prefix; the client is shared with the media fetcher."""
+
+    def __init__(self, bucket: str, prefix: str, client: Any, fetcher: MediaFetcher | None = None):
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.client = client
+        super().__init__(fetcher or MediaFetcher(s3_client=client))
+
+    def _key(self, key: str) -> str:
+        _check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def url_for(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._key(key)}"
+
+    def put_json(self, key: str, obj: dict) -> str:
+        data = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+        url = self.url_for(key)
+        try:
+            self.client.put_object(
+                Bucket=self.bucket, Key=self._key(key), Body=data, ContentType="application/json"
+            )
+        except ClientError as exc:
+            raise _translate_client_error(exc, url) from None
+        except BotoCoreError as exc:
+            raise _translate_boto_error(exc, url) from None
+        return url
+
+    def get_json(self, key: str) -> dict:
+        raw = s3_get_capped(self.client, self.bucket, self._key(key), MAX_JSON_BYTES, what=self.url_for(key))
+        return json.loads(raw)
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            return True
+        except ClientError as exc:
+            err = _translate_client_error(exc, self.url_for(key))
+            if isinstance(err, MediaNotFound):
+                return False
+            raise err from None
+        except BotoCoreError as exc:
+            raise _translate_boto_error(exc, self.url_for(key)) from None
+
+    def __repr__(self) -> str:
+        return f"S3Store(bucket={self.bucket!r}, prefix={self.prefix!r})"
+
+
+def open_store(
+    store_url: str,
+    *,
+    s3_endpoint_url: str | None = None,
+    allowed_file_root: Path | None = None,
+    s3_allowed_buckets: tuple[str, ...] | list[str] = (),
+    boto_config: Config | None = None,
+    s3_client: Any | None = None,
+) -> ObjectStore:
+    """Build the store named by `s3://bucket/prefix` or `file:///dir`.
+
+    `allowed_file_root=None` disables file:// media. `s3_client` (optional)
+    replaces the client built from the default AWS credential chain.
+    """
+    fetcher = MediaFetcher(
+        allowed_file_root=allowed_file_root,
+        s3_allowed_buckets=s3_allowed_buckets,
+        s3_endpoint_url=s3_endpoint_url,
+        boto_config=boto_config,
+        s3_client=s3_client,
+    )
+    if store_url.startswith("s3://"):
+        bucket, _, prefix = store_url[len("s3://") :].partition("/")
+        if not _BUCKET_RE.match(bucket):
+            raise ValueError(f"invalid bucket in store URL: {bucket!r}")
+        return S3Store(bucket, prefix, fetcher.s3, fetcher)
+    if store_url.startswith("file://"):
+        parts = urlsplit(store_url)
+        if parts.netloc not in ("", "localhost"):
+            raise ValueError("file store URLs must look like file:///absolute/dir")
+        return FileStore(Path(unquote(parts.path)), fetcher)
+    raise ValueError(f"unsupported store URL scheme: {store_url.split(':', 1)[0]!r}")
