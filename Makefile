@@ -15,12 +15,18 @@ $(STAMP): $(PY) pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[worker,dev]"
 	touch $(STAMP)
 
+# checkov (Kubernetes policy checks in tests/deploy) pins its own libraries,
+# so it lives in a venv of its own.
+TOOLS := .venv-tools/bin/checkov
+$(TOOLS): deploy/tools-venv.sh
+	PYTHON=$(PYTHON) bash deploy/tools-venv.sh
+
 install: $(STAMP)
 
 demo: install
 	$(VENV)/bin/internvl-queue demo
 
-test: install
+test: install $(TOOLS)
 	$(PY) -m pytest -q
 
 bench: install

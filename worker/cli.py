@@ -199,6 +199,7 @@ def cmd_simulate_autoscale(args: argparse.Namespace) -> int:
     path = Path(__file__).resolve().parent.parent / "deploy" / "autoscale_sim.py"
     spec = importlib.util.spec_from_file_location("autoscale_sim", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules["autoscale_sim"] = module  # its dataclasses look their module up by name
     spec.loader.exec_module(module)
     return module.main(args.rest)
 

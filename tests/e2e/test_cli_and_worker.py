@@ -1,0 +1,154 @@
+"""End to end: `internvl-queue worker` as a subprocess, driven by the CLI verbs,
+with its /healthz, /readyz and /metrics scraped for real.
+
+The tiny model's output is gibberish by design; assertions are on states,
+codes, counters and exit statuses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from api_client import keys
+from model_runtime.media import make_sample_image
+from worker.embedded import free_port
+
+CLI = [sys.executable, "-m", "worker.cli"]
+
+
+def http_get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            head = line.split(" ")[0]
+            if head == name or head.startswith(name + "{"):
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+@pytest.fixture(scope="module")
+def worker_proc(redis_url, tmp_path_factory):
+    import redis
+
+    data = tmp_path_factory.mktemp("e2e")
+    media = data / "media"
+    media.mkdir()
+    port = free_port()
+    env = dict(os.environ, IVQ_REDIS_URL=redis_url, IVQ_DATA_DIR=str(data), IVQ_STORE_URL=f"file://{data}/store",
+               IVQ_ALLOWED_FILE_ROOT=str(media), IVQ_MODEL="tiny",
+               IVQ_MODEL_CACHE_DIR=str(data.parent / "models-cache"), IVQ_METRICS_PORT=str(port),
+               IVQ_MAX_BATCH_SIZE="4", IVQ_LOG_LEVEL="INFO", IVQ_WORKER_ID="e2e-worker", IVQ_DRAIN_TIMEOUT_S="20")
+    log_path = data / "worker.log"
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(CLI + ["worker"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    r = redis.Redis.from_url(redis_url)
+    started = time.monotonic()
+    while time.monotonic() - started < 180:
+        if r.hexists(keys.WORKERS, "e2e-worker"):
+            break
+        assert proc.poll() is None, log_path.read_text()[-3000:]
+        time.sleep(0.2)
+    else:
+        pytest.fail("worker did not become ready")
+    yield {"proc": proc, "base": base, "media": media, "env": env, "log": log_path,
+           "ready_s": time.monotonic() - started}
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+
+
+def cli(*args: str, redis_url: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(CLI + list(args) + ["--redis-url", redis_url], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_probes_report_ready_and_metrics_move(worker_proc, redis_url):
+    base = worker_proc["base"]
+    assert http_get(base + "/healthz")[0] == 200
+    code, body = http_get(base + "/readyz")
+    assert code == 200, body
+    before = http_get(base + "/metrics")[1]
+    assert metric(before, "ivq_model_load_seconds") > 0
+
+    image = Path(worker_proc["media"]) / "cat.jpg"
+    image.write_bytes(make_sample_image(200, 150, seed=9))
+    out = cli("submit", "--prompt", "What animal?", "--image", f"file://{image}", "--max-new-tokens", "5",
+              "--wait", "--json", redis_url=redis_url)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["state"] == "succeeded" and len(data["job_id"]) == 32
+
+    after = http_get(base + "/metrics")[1]
+    assert metric(after, "ivq_jobs_total", state="succeeded") >= metric(before, "ivq_jobs_total", state="succeeded") + 1
+    assert metric(after, "ivq_batch_size_count") > metric(before, "ivq_batch_size_count")
+    assert metric(after, "ivq_generate_seconds_count") > metric(before, "ivq_generate_seconds_count")
+    assert metric(after, "ivq_tokens_generated_total") > metric(before, "ivq_tokens_generated_total")
+
+
+def test_cli_verbs_speak_json_with_state_and_error_code(worker_proc, redis_url):
+    missing = f"file://{worker_proc['media']}/nope.jpg"
+    out = cli("submit", "--prompt", "x", "--image", missing, "--json", redis_url=redis_url)
+    assert out.returncode == 0, out.stderr
+    job_id = json.loads(out.stdout)["job_id"]
+    waited = cli("wait", job_id, "--timeout", "60", "--json", redis_url=redis_url)
+    assert waited.returncode == 1
+    data = json.loads(waited.stdout)
+    assert data["job_id"] == job_id and data["state"] == "failed"
+    assert data["error"]["code"] == "media_not_found"
+    status = json.loads(cli("status", job_id, "--json", redis_url=redis_url).stdout)
+    assert status["state"] == "failed" and status["error"]["code"] == "media_not_found"
+    result = cli("result", job_id, "--json", redis_url=redis_url)
+    assert result.returncode == 1 and json.loads(result.stdout)["error"]["code"] == "media_not_found"
+
+
+def test_refused_submit_exits_non_zero_with_the_code(redis_url):
+    out = cli("submit", "--prompt", "x", "--image", "ftp://host/file.jpg", "--json", redis_url=redis_url)
+    assert out.returncode != 0
+    assert json.loads(out.stdout)["error"]["code"] == "invalid_request"
+
+
+def test_succeeded_result_and_status_via_cli(worker_proc, redis_url):
+    out = cli("submit", "--prompt", "Say hi", "--max-new-tokens", "3", "--json", redis_url=redis_url)
+    job_id = json.loads(out.stdout)["job_id"]
+    assert cli("wait", job_id, "--timeout", "60", redis_url=redis_url).returncode == 0
+    res = json.loads(cli("result", job_id, "--json", redis_url=redis_url).stdout)
+    assert res["state"] == "succeeded"
+    assert res["result"]["worker_id"] == "e2e-worker" and res["result"]["usage"]["completion_tokens"] >= 1
+
+
+def test_client_verbs_do_not_import_the_model_stack():
+    code = ("import sys; from worker import cli; cli.build_parser(); import api_client; "
+            "print(any(m in sys.modules for m in ('torch', 'transformers')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_sigterm_drains_and_exits_within_the_drain_time(worker_proc):
+    proc = worker_proc["proc"]
+    code, _ = http_get(worker_proc["base"] + "/readyz")
+    assert code == 200
+    t0 = time.monotonic()
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=40)
+    assert time.monotonic() - t0 < 25  # IVQ_DRAIN_TIMEOUT_S=20 plus slack
+    log = Path(worker_proc["log"]).read_text()
+    assert "worker.draining" in log
