@@ -253,7 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_PASS_THROUGH = {"bench": cmd_bench, "simulate-autoscale": cmd_simulate_autoscale}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in _PASS_THROUGH:  # these verbs parse their own options
+        return _PASS_THROUGH[argv[0]](argparse.Namespace(rest=argv[1:]))
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
