@@ -16,7 +16,7 @@ from typing import Any
 
 import structlog
 from celery import Celery, signals
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from api_client import keys
 from worker.settings import Settings
@@ -38,7 +38,10 @@ def create_app(settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,
         worker_pool="threads",
         worker_concurrency=settings.resolved_concurrency,
-        task_queues=[Queue(keys.INFER_QUEUE), Queue(keys.CALLBACKS_QUEUE)],
+        # Each queue on its own exchange and key: left to defaults, Celery binds
+        # both to the default exchange and key, and every message reaches both.
+        task_queues=[Queue(q, Exchange(q, type="direct"), routing_key=q)
+                     for q in (keys.INFER_QUEUE, keys.CALLBACKS_QUEUE)],
         task_default_queue=keys.INFER_QUEUE,
         task_routes={keys.NOTIFY_TASK: {"queue": keys.CALLBACKS_QUEUE},
                      keys.CALLBACK_TASK: {"queue": keys.CALLBACKS_QUEUE}},
