@@ -50,6 +50,7 @@ def create_app(settings: Settings) -> Celery:
         worker_send_task_events=True,
         task_send_sent_event=True,
         worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,  # our JSON lines go to stdout as they are
         worker_soft_shutdown_timeout=float(settings.drain_timeout_s),
     )
     app.ivq_settings = settings

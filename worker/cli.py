@@ -148,7 +148,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from worker.settings import Settings
 
     settings = Settings()
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, static={"worker": settings.resolved_worker_id})
     embedded = None
     if not settings.redis_url:
         from worker.embedded import EmbeddedRedis

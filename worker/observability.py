@@ -28,7 +28,9 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 REDACTED = "[REDACTED]"
 _SECRET_KEY_RE = re.compile(
-    r"secret|passw|token|signature|authorization|api[_-]?key|credential|cookie", re.I
+    r"secret|passw|signature|authorization|api[_-]?key|credential|cookie"
+    r"|(^|_)(access|auth|bearer|refresh|session|security|id)?_?token$",  # not "completion_tokens"
+    re.I,
 )
 # A URL whose query carries a signature (S3/GCS presigned, Azure SAS): drop the whole query.
 _SIGNED_URL_RE = re.compile(
@@ -75,14 +77,28 @@ def redact_processor(logger: Any, method_name: str, event_dict: dict) -> dict:
     return _redact_value(event_dict)
 
 
-def configure_logging(level: str = "INFO", *, json: bool = True, stream: TextIO | None = None) -> None:
-    """JSON lines to stdout (or `stream`); stdlib loggers (celery, botocore) go the same way."""
+def configure_logging(
+    level: str = "INFO", *, json: bool = True, stream: TextIO | None = None, static: dict[str, Any] | None = None
+) -> None:
+    """JSON lines to stdout (or `stream`); stdlib loggers (celery, botocore) go the same way.
+
+    `static` fields (e.g. worker=...) go on every line: contextvars do not
+    reach threads started later (task threads, the model thread), these do.
+    """
     level_no = logging.getLevelName(level.upper()) if isinstance(level, str) else int(level)
     if not isinstance(level_no, int):
         raise ValueError(f"unknown log level {level!r}")
     stream = stream or sys.stdout
+    fixed = dict(static or {})
+
+    def add_static(logger: Any, method_name: str, event_dict: dict) -> dict:
+        for key, value in fixed.items():
+            event_dict.setdefault(key, value)
+        return event_dict
+
     shared: list = [
         structlog.contextvars.merge_contextvars,
+        add_static,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]

@@ -142,6 +142,18 @@ def test_client_verbs_do_not_import_the_model_stack():
     assert out.stdout.strip() == "False"
 
 
+def test_logs_are_json_with_job_worker_and_batch_bound(worker_proc, redis_url):
+    out = cli("submit", "--prompt", "log me", "--max-new-tokens", "2", "--wait", "--json", redis_url=redis_url)
+    job_id = json.loads(out.stdout)["job_id"]
+    time.sleep(0.5)
+    lines = [json.loads(x) for x in Path(worker_proc["log"]).read_text().splitlines() if x.startswith("{")]
+    done = [x for x in lines if x.get("event") == "job.succeeded" and x.get("job_id") == job_id]
+    assert len(done) == 1, lines[-5:]
+    assert done[0]["worker"] == "e2e-worker" and done[0]["attempt"] == 1 and done[0]["batch_id"]
+    batches = [x for x in lines if x.get("event") == "batch.done"]
+    assert batches and all("batch_id" in x and x["worker"] == "e2e-worker" for x in batches)
+
+
 def test_sigterm_drains_and_exits_within_the_drain_time(worker_proc):
     proc = worker_proc["proc"]
     code, _ = http_get(worker_proc["base"] + "/readyz")
