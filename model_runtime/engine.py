@@ -18,6 +18,7 @@ find a culprit, because requests reaching here were already validated by
 from __future__ import annotations
 
 import time
+import traceback
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -76,8 +77,11 @@ class Engine:
             groups.setdefault(item.generation.group_key(), []).append(position)
         results: list[Output | JobError | None] = [None] * len(items)
         for positions in groups.values():
-            for position, result in zip(positions, self._run_group([items[p] for p in positions])):
-                results[position] = result
+            # Never exceed the batch size the warm-up proved fits.
+            for start in range(0, len(positions), self.max_batch_size):
+                chunk = positions[start : start + self.max_batch_size]
+                for position, result in zip(chunk, self._run_group([items[p] for p in chunk])):
+                    results[position] = result
         return results  # type: ignore[return-value]
 
     def warmup(self, max_batch_size: int | None = None, *, max_new_tokens: int = 16) -> float:
@@ -111,16 +115,15 @@ class Engine:
     def _run_group(self, items: list[Prepared]) -> list[Output | JobError]:
         import torch
 
-        out_of_memory = False
         try:
             return self._generate(items)
         except torch.cuda.OutOfMemoryError:
-            out_of_memory = True  # handled below, once the traceback no longer pins the tensors
+            pass  # handled below, once the traceback no longer pins the batch's tensors
         except Exception as exc:  # noqa: BLE001 - one bad group must not take the batch thread down
-            log.exception("generate_failed", batch_size=len(items), error=str(exc))
+            # The traceback as text: renderers that expand locals would walk whole tensors.
+            log.error("generate_failed", batch_size=len(items), error=repr(exc), traceback=traceback.format_exc())
             error = JobError(code=ErrorCode.internal_error, message=f"generation failed: {type(exc).__name__}: {exc}")
             return [error] * len(items)
-        assert out_of_memory
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         if len(items) == 1:

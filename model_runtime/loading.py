@@ -142,6 +142,8 @@ def load_runtime(
     if processor.tokenizer.pad_token is None:
         processor.tokenizer.pad_token = processor.tokenizer.eos_token
 
+    _prime_processor(processor)
+
     seconds = time.perf_counter() - started
     log.info(
         "model_loaded", model=model, path=path, device=device, dtype=dtype, attn_implementation=attention,
@@ -151,3 +153,25 @@ def load_runtime(
         model=net, processor=processor, model_id=model, device=device, dtype=dtype,
         attn_implementation=attention, load_seconds=seconds, quantization=quantization,
     )
+
+
+def _prime_processor(processor: Any) -> None:
+    """Run one request with an image and a video through `prepare`, on this thread.
+
+    transformers resolves some imports on first use and its lazy importer is
+    not thread-safe; doing the first call here means the task threads that
+    call `prepare` concurrently later never race on an import.
+    """
+    import numpy as np
+    from PIL import Image
+
+    from api_client.schema import JobRequest
+    from model_runtime.media import VideoFrames
+    from model_runtime.prompts import prepare
+
+    media = {
+        "file://prime.png": Image.new("RGB", (64, 32), (127, 127, 127)),
+        "file://prime.mp4": VideoFrames(np.zeros((2, 32, 32, 3), np.uint8), 1.0, 2.0, 2, [0.5, 1.5]),
+    }
+    request = JobRequest.simple("hi", images=["file://prime.png"], videos=["file://prime.mp4"])
+    prepare(processor, request, media, request_id="prime", max_tiles=2, context_length=None)

@@ -38,6 +38,10 @@ class MediaLimits:
     max_video_pixels: int = 3840 * 2160
     max_video_frames: int = 32
     default_video_frames: int = 8
+    # Sampled frames are scaled down to this longest side while decoding: the
+    # processor resizes each frame to one tile anyway, and 32 4K RGB frames
+    # would hold 800 MB per job in memory.
+    max_frame_side: int = 1024
 
 
 @dataclass
@@ -134,13 +138,29 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 # ---------------------------------------------------------------- videos
 
 
+def container_format(data: bytes) -> str:
+    """The FFmpeg demuxer for MP4/MOV, Matroska/WebM or AVI, from the magic bytes.
+
+    Naming the demuxer keeps FFmpeg from probing its way into formats that
+    open other URLs (HLS playlists, concat lists) or that are not video.
+    """
+    if data[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip"):
+        return "mp4"
+    if data.startswith(b"\x1a\x45\xdf\xa3"):
+        return "matroska"
+    if data.startswith(b"RIFF") and data[8:12] == b"AVI ":
+        return "avi"
+    raise _invalid("not an MP4/MOV, Matroska/WebM or AVI file")
+
+
 def _open_container(data: bytes, limits: MediaLimits):
     import av
 
     if len(data) > limits.max_video_bytes:
         raise _too_large(f"video is {len(data)} bytes, limit {limits.max_video_bytes}")
+    demuxer = container_format(data)
     try:
-        container = av.open(io.BytesIO(data), mode="r")
+        container = av.open(io.BytesIO(data), mode="r", format=demuxer)
     except (av.FFmpegError, OSError, ValueError) as exc:
         raise _invalid(f"not a readable video container: {exc}") from None
     if not container.streams.video:
@@ -151,6 +171,10 @@ def _open_container(data: bytes, limits: MediaLimits):
     if width * height > limits.max_video_pixels:
         container.close()
         raise _too_large(f"video is {width}x{height}, limit {limits.max_video_pixels} pixels per frame")
+    declared = container.duration / 1_000_000 if container.duration else 0.0  # AV_TIME_BASE units
+    if declared > limits.max_video_seconds:  # fail before reading the packets; _check_frames re-checks
+        container.close()
+        raise _too_large(f"video is {declared:.1f} s long, limit {limits.max_video_seconds:.0f} s")
     return container, stream
 
 
@@ -194,14 +218,18 @@ def _targets(index: _Index, num_frames: int) -> list[float]:
 def _check_frames(index: _Index, limits: MediaLimits, num_frames: int | None) -> int:
     if index.duration_s > limits.max_video_seconds:
         raise _too_large(f"video is {index.duration_s:.1f} s long, limit {limits.max_video_seconds:.0f} s")
-    wanted = num_frames or limits.default_video_frames
+    wanted = num_frames or min(limits.default_video_frames, limits.max_video_frames)
     if wanted > limits.max_video_frames:
         raise _too_large(f"{wanted} frames asked for, limit {limits.max_video_frames}")
     return min(wanted, index.packets)  # never repeat a source frame
 
 
-def _rgb(frame) -> np.ndarray:
-    return frame.to_ndarray(format="rgb24")
+def _rgb(frame, max_side: int) -> np.ndarray:
+    scale = max_side / max(frame.width, frame.height)
+    if scale >= 1:
+        return frame.to_ndarray(format="rgb24")
+    width, height = max(1, round(frame.width * scale)), max(1, round(frame.height * scale))
+    return frame.to_ndarray(width=width, height=height, format="rgb24")
 
 
 def decode_video(data: bytes, limits: MediaLimits, num_frames: int | None = None) -> VideoFrames:
@@ -238,7 +266,7 @@ def decode_video(data: bytes, limits: MediaLimits, num_frames: int | None = None
                 if previous is None:
                     raise _invalid("no frame could be decoded at the sampled time")
                 chosen = previous
-            frames.append(_rgb(chosen))
+            frames.append(_rgb(chosen, limits.max_frame_side))
         return VideoFrames(np.stack(frames), index.fps, index.duration_s, index.packets, targets)
     except av.FFmpegError as exc:
         raise _invalid(f"corrupt video: {exc}") from None
@@ -272,7 +300,8 @@ def decode_video_all_frames(data: bytes, limits: MediaLimits, num_frames: int | 
                     chosen[i] = frame
         if any(c is None for c in chosen):
             raise _invalid("the video stream has no decodable frames")
-        return VideoFrames(np.stack([_rgb(c) for c in chosen]), index.fps, index.duration_s, index.packets, targets)
+        frames = [_rgb(c, limits.max_frame_side) for c in chosen]
+        return VideoFrames(np.stack(frames), index.fps, index.duration_s, index.packets, targets)
     except av.FFmpegError as exc:
         raise _invalid(f"corrupt video: {exc}") from None
     finally:

@@ -20,11 +20,15 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 SEED = 1234
+# One build at a time per process: weight init draws from torch's global RNG, and
+# transformers' lazy imports are not thread-safe on first use.
+_BUILD_LOCK = threading.Lock()
 EOS_GAIN = 1.5
 
 # Qwen-like chat format; media items become the placeholders InternVLProcessor
@@ -124,6 +128,11 @@ def build_tiny(out_dir: str | os.PathLike, size: str = "tiny", max_patches: int 
 
     Deterministic: the same arguments give the same weights and tokenizer.
     """
+    with _BUILD_LOCK:
+        return _build(Path(out_dir), SPECS[size], max_patches)
+
+
+def _build(out: Path, spec: TinySpec, max_patches: int) -> Path:
     import torch
     from transformers import (
         GenerationConfig,
@@ -136,8 +145,6 @@ def build_tiny(out_dir: str | os.PathLike, size: str = "tiny", max_patches: int 
         Qwen2Config,
     )
 
-    spec = SPECS[size]
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = _build_tokenizer(spec)
     vocab = len(tokenizer)

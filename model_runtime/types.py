@@ -26,7 +26,7 @@ class RequestError(Exception):
     """
 
     def __init__(self, code: ErrorCode, message: str) -> None:
-        super().__init__(f"{code.value}: {message}")
+        super().__init__(message)
         self.code = ErrorCode(code)
         self.message = message
 
