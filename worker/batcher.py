@@ -13,6 +13,9 @@ When does a batch go?
 - or when the oldest pending item has waited max_wait_ms.
 Items batch together only when their group keys are equal (same decoding
 parameters); the oldest item's group goes first, so no group starves.
+With `similar_cost`, the oldest item is joined by the pending items whose
+cost is closest to its own rather than by the next oldest: a backlog then
+forms batches of like-sized prompts, which pad less (benchmarks/BENCHMARKS.md).
 If the batch function raises, every request of that batch gets the error.
 """
 
@@ -65,6 +68,7 @@ class MicroBatcher(Generic[T, R]):
         clock: Callable[[], float] = time.monotonic,
         on_loop: Callable[[], None] | None = None,
         name: str = "micro-batcher",
+        similar_cost: bool = False,
     ):
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
@@ -76,6 +80,7 @@ class MicroBatcher(Generic[T, R]):
         self._group_key = group_key
         self._clock = clock
         self._on_loop = on_loop
+        self.similar_cost = similar_cost
         self._cond = threading.Condition()
         self._pending: list[_Pending[T]] = []
         self._announced = 0
@@ -152,6 +157,9 @@ class MicroBatcher(Generic[T, R]):
                     continue
                 group = self._pending[0].group
                 same = [p for p in self._pending if p.group == group]
+                if self.similar_cost and len(same) > 2:
+                    oldest = same[0]
+                    same = [oldest] + sorted(same[1:], key=lambda p: abs(p.cost - oldest.cost))
                 chosen = self._fill(same)
                 full = len(chosen) < len(same) or len(chosen) >= self.max_batch_size
                 nothing_coming = self._announced == 0

@@ -10,6 +10,7 @@ jobs that never reached the model back to the queue.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +29,18 @@ from worker.settings import Settings
 from worker.storage import open_store
 
 log = structlog.get_logger(__name__)
+
+
+def cpu_model_threads() -> int:
+    """Torch threads for a CPU worker: half the cores, the rest stay free for the task threads.
+
+    With every core in torch's pool, the model thread and the task threads'
+    decoding and preprocessing fight over the same cores and both slow down
+    (benchmarks/BENCHMARKS.md, "torch intra-op threads"). OMP_NUM_THREADS, when
+    set, wins.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // 2)
 
 
 class WorkerRuntime:
@@ -90,6 +103,10 @@ class WorkerRuntime:
             s.model, cache_dir=s.resolved_model_cache_dir, device=s.device, dtype=s.dtype,
             attn_implementation=s.attn_implementation, quantization=s.quantization,
         )
+        if self.loaded.device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+            import torch
+
+            torch.set_num_threads(cpu_model_threads())
         self.engine = Engine(self.loaded, max_batch_size=s.max_batch_size)
         if s.warmup:
             self.engine.warmup(s.max_batch_size)
@@ -103,6 +120,7 @@ class WorkerRuntime:
             self._run_batch, max_batch_size=s.max_batch_size, max_wait_ms=s.max_wait_ms,
             max_batch_cost=s.max_batch_cost, cost=lambda p: p.cost, group_key=lambda p: p.generation.group_key(),
             on_loop=self.health.batch_heartbeat, name="model-thread",
+            similar_cost=True,  # like-sized prompts batch together: less padding (benchmarks/BENCHMARKS.md)
         ).start()
         self.metrics.set_info(model=self.loaded.model_id, device=self.loaded.device, dtype=str(self.loaded.dtype),
                               attention=self.loaded.attn_implementation, worker_id=self.worker_id)

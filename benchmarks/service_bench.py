@@ -1,0 +1,141 @@
+"""The whole service in one process: JobClient -> redis-server -> Celery worker -> file store -> status.
+
+The worker is the real one (create_app + start_runtime + Celery's threads
+pool, as tests/harness.py runs it) on an embedded redis-server; media sit in
+the file store. Its loaded model is reused for the engine-only runs, so the
+service and the bare engine are measured on the same weights, the same
+requests and the same batching settings, one right after the other.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks.engine_bench import prepare_all, run_batched
+from benchmarks.mixes import Mix, decode_media
+
+
+@dataclass
+class ServiceConfig:
+    model: str
+    out_dir: Path
+    max_batch_size: int = 8
+    max_wait_ms: float = 20.0
+    concurrency: int | None = None
+    warmup: bool = True
+
+
+class Service:
+    """Start with `with Service(config) as service:`; `service.runtime` is the worker's runtime."""
+
+    def __init__(self, config: ServiceConfig) -> None:
+        self.config = config
+        self._stack = ExitStack()
+        self.media_dir = (config.out_dir / "service" / "store" / "media").resolve()
+
+    def __enter__(self) -> Service:
+        from celery.contrib.testing.worker import start_worker
+
+        from api_client import JobClient
+        from worker.celery_app import create_app, start_runtime
+        from worker.embedded import EmbeddedRedis
+        from worker.settings import Settings
+
+        c = self.config
+        root = (c.out_dir / "service").resolve()
+        try:
+            self.redis = EmbeddedRedis(root / "redis")
+            self._stack.callback(self.redis.stop)
+            self.settings = Settings(
+                redis_url=self.redis.url, data_dir=root, store_url=f"file://{root / 'store'}",
+                model=c.model, model_cache_dir=(c.out_dir / "models").resolve(), max_batch_size=c.max_batch_size,
+                max_wait_ms=c.max_wait_ms, concurrency=c.concurrency, warmup=c.warmup, lease_s=120,
+                log_level="WARNING",
+            )
+            app = create_app(self.settings)
+            self.runtime = start_runtime(app)
+            self._stack.callback(self.runtime.stop)
+            self._stack.enter_context(start_worker(
+                app, pool="threads", concurrency=self.settings.resolved_concurrency, perform_ping_check=False,
+                queues=self.settings.queues, shutdown_timeout=60, loglevel="WARNING",
+            ))
+            self.client = JobClient(self.redis.url)
+            self._stack.callback(self.client.close)
+        except BaseException:
+            self._stack.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    def url_of(self, name: str) -> str:
+        return f"file://{self.media_dir / name}"
+
+    def read(self, url: str) -> bytes:
+        return Path(url[len("file://"):]).read_bytes()
+
+    @property
+    def engine(self) -> Any:
+        return self.runtime.engine
+
+    def prepared(self, mix: Mix) -> list:
+        from model_runtime.media import MediaLimits
+
+        decoded = decode_media(mix.requests, self.read, MediaLimits())
+        return prepare_all(self.runtime.loaded, mix.requests, decoded, max_tiles=self.settings.max_tiles)
+
+    def run_saturated(self, mix: Mix, timeout_s: float = 1800) -> dict[str, Any]:
+        """Submit every job at once and wait for all; the model thread's share of the wall time."""
+        stats = self.engine.stats
+        before = (stats.generate_seconds, stats.batches, stats.items)
+        started = time.perf_counter()
+        ids = self.client.submit_many(mix.requests)
+        statuses = [self.client.wait(job_id, timeout=timeout_s) for job_id in ids]
+        wall = time.perf_counter() - started
+        failed = [s.error for s in statuses if s.state.value != "succeeded"]
+        if failed:
+            raise RuntimeError(f"{len(failed)} bench jobs failed, first: {failed[0]}")
+        generate_s = stats.generate_seconds - before[0]
+        batches, items = stats.batches - before[1], stats.items - before[2]
+        return {"jobs": len(ids), "seconds": round(wall, 4), "jobs_per_s": round(len(ids) / wall, 4),
+                "generate_seconds": round(generate_s, 4), "engine_busy_fraction": round(generate_s / wall, 4),
+                "batches": batches, "mean_batch": round(items / batches, 2) if batches else 0.0}
+
+    def run_engine_same_batching(self, items: list) -> dict[str, Any]:
+        run = run_batched(self.engine, items, cap=self.settings.max_batch_size,
+                          max_wait_ms=self.settings.max_wait_ms, cost_aware=self.runtime.batcher.similar_cost,
+                          max_batch_cost=self.settings.max_batch_cost)
+        return run.as_dict()
+
+    def run_idle(self, mix: Mix, jobs: int) -> dict[str, Any]:
+        """One job at a time: submit -> result, minus the time spent in generate."""
+        overheads, preprocess, batch_wait, queued, after = [], [], [], [], []
+        for request in mix.requests[:jobs]:
+            started = time.perf_counter()
+            job_id = self.client.submit(request)
+            status = self.client.wait(job_id, timeout=600)
+            latency_ms = (time.perf_counter() - started) * 1000.0
+            if status.state.value != "succeeded":
+                raise RuntimeError(f"idle bench job failed: {status.error}")
+            timings = self.client.result(job_id).timings
+            overheads.append(latency_ms - timings.generate_ms)
+            preprocess.append(timings.preprocess_ms)
+            batch_wait.append(timings.batch_wait_ms)
+            queued.append(timings.queued_ms)
+            after.append(latency_ms - timings.total_ms)  # result write, final transition, event, client wake-up
+        return {"jobs": len(overheads), "p50": round(percentile(overheads, 50), 2),
+                "p99": round(percentile(overheads, 99), 2), "preprocess_p50": round(percentile(preprocess, 50), 2),
+                "batch_wait_p50": round(percentile(batch_wait, 50), 2),
+                "queued_p50": round(percentile(queued, 50), 2), "after_generate_p50": round(percentile(after, 50), 2),
+                "max_wait_ms": self.settings.max_wait_ms}
+
+
+def percentile(values: list[float], q: float) -> float:
+    import numpy as np
+
+    return float(np.percentile(np.asarray(values, dtype=float), q))

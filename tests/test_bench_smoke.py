@@ -1,0 +1,80 @@
+"""`internvl-queue bench --quick --json` runs end to end and reports every headline.
+
+One subprocess run (about a minute on 2 cores): the values are measurements
+and are not checked here, only that the instrument produces each of them.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HEADLINES = ("batched_over_sequential", "service_over_engine", "engine_busy_fraction", "idle_latency_overhead_ms",
+             "padding_waste", "video_sampling_speedup")
+MIXES = {"text", "one_tile", "many_tiles", "video8", "realistic"}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_quick_bench_prints_one_json_object_with_every_headline(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "bench", "--quick", "--json", "--out", str(tmp_path / "bench")],
+        cwd=root, capture_output=True, text=True, timeout=280, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads(done.stdout)  # stdout is exactly one JSON object; logs went to stderr
+
+    for key in (*HEADLINES, "meta", "jobs_per_s", "torch_threads", "targets", "details"):
+        assert key in result, key
+    assert set(result["batched_over_sequential"]) == MIXES
+    assert all(set(caps) == {"1", "8"} for caps in result["batched_over_sequential"].values())
+    assert set(result["service_over_engine"]) == MIXES
+    assert set(result["engine_busy_fraction"]) == MIXES
+    assert {"p50", "p99", "max_wait_ms", "by_mix"} <= set(result["idle_latency_overhead_ms"])
+    assert {"fifo", "cost_aware"} <= set(result["padding_waste"])
+    assert isinstance(result["video_sampling_speedup"], float)
+    assert set(result["targets"]) == {
+        "batched_over_sequential_one_tile_default_cap", "service_over_engine_min", "engine_busy_fraction_min",
+        "idle_latency_overhead_p50_ms", "padding_waste_cut_by_grouping", "video_sampling_speedup"}
+    assert result["meta"]["quick"] is True and result["meta"]["model"] == "tiny"
+
+    # The report and the plot were written to the out dir, not into the package.
+    report = (tmp_path / "bench" / "BENCHMARKS.md").read_text()
+    assert "batched_over_sequential" in report and "MEASURED:END" in report
+    assert (tmp_path / "bench" / "jobs_per_s_by_cap.png").stat().st_size > 1000
+
+
+def test_similar_cost_batches_like_sized_items_with_the_oldest() -> None:
+    """The cost-aware batch forming the benchmark measures: the oldest goes first, joined by its nearest costs."""
+    import threading
+
+    from worker.batcher import MicroBatcher
+
+    batches: list[list[float]] = []
+    release = threading.Event()
+
+    def run(items: list[float], _info) -> list[float]:
+        batches.append(list(items))
+        release.wait(5)
+        return items
+
+    batcher = MicroBatcher(run, max_batch_size=3, max_wait_ms=1000, cost=lambda x: x, similar_cost=True).start()
+    try:
+        blocker = batcher.submit(0.0)  # occupies the model thread while the backlog forms
+        while not batches:
+            threading.Event().wait(0.001)
+        for _ in range(6):
+            batcher.announce()
+        futures = [batcher.submit(cost, announced=True) for cost in (500.0, 10.0, 480.0, 12.0, 900.0, 11.0)]
+        release.set()
+        assert [f.result(timeout=5) for f in futures] == [500.0, 10.0, 480.0, 12.0, 900.0, 11.0]
+        blocker.result(timeout=5)
+    finally:
+        batcher.stop(timeout=5)
+    assert batches[1] == [500.0, 480.0, 900.0]  # the oldest, then the costs nearest to it
+    assert batches[2] == [10.0, 11.0, 12.0]
