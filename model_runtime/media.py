@@ -210,9 +210,22 @@ def _index(container, stream) -> _Index:
     return _Index(sorted(keyframes) or [first], packets, first, duration, fps)
 
 
+# A sample may move to a keyframe this close (as a share of the sampling step):
+# a keyframe decodes alone, any other frame needs the frames since its keyframe.
+KEYFRAME_SNAP = 0.25
+
+
 def _targets(index: _Index, num_frames: int) -> list[float]:
+    """Uniform sample times, each moved to the nearest keyframe when one is close enough."""
     step = index.duration_s / num_frames
-    return [index.start_s + (i + 0.5) * step for i in range(num_frames)]
+    targets = [index.start_s + (i + 0.5) * step for i in range(num_frames)]
+    snapped: list[float] = []
+    for target in targets:
+        i = bisect.bisect_left(index.keyframes, target)
+        near = min(index.keyframes[max(0, i - 1) : i + 1], key=lambda k: abs(k - target))
+        use = near if abs(near - target) <= KEYFRAME_SNAP * step else target
+        snapped.append(use if not snapped or use > snapped[-1] else target)
+    return snapped
 
 
 def _check_frames(index: _Index, limits: MediaLimits, num_frames: int | None) -> int:
