@@ -45,7 +45,11 @@ def create_app(settings: Settings) -> Celery:
         task_default_queue=keys.INFER_QUEUE,
         task_routes={keys.NOTIFY_TASK: {"queue": keys.CALLBACKS_QUEUE},
                      keys.CALLBACK_TASK: {"queue": keys.CALLBACKS_QUEUE}},
-        broker_transport_options=keys.broker_transport_options(settings.visibility_timeout_s),
+        # Scan for unacked messages of dead workers every 10 s, not kombu's default of
+        # every 100 s (interval 10 x throttle 10): a callback message a killed worker had
+        # taken is re-delivered soon after the visibility timeout, not minutes later.
+        broker_transport_options={**keys.broker_transport_options(settings.visibility_timeout_s),
+                                  "unacked_restore_throttle": 1},
         broker_connection_retry_on_startup=True,
         worker_send_task_events=True,
         task_send_sent_event=True,
@@ -63,14 +67,16 @@ def create_app(settings: Settings) -> Celery:
 def _register_tasks(app: Celery) -> None:
     settings: Settings = app.ivq_settings
 
-    @app.task(name=keys.INFER_TASK, ignore_result=True)
+    # shared=False: Celery's default would hand these closures (bound to this app's
+    # runtime) to every app created later in the process, e.g. a second worker app.
+    @app.task(name=keys.INFER_TASK, ignore_result=True, shared=False)
     def infer(job_id: str) -> str:
         runtime = app.ivq_runtime
         if runtime is None:
             raise RuntimeError("this worker does not serve the infer queue (no model loaded)")
         return runtime.process(job_id)
 
-    @app.task(name=keys.NOTIFY_TASK, ignore_result=True)
+    @app.task(name=keys.NOTIFY_TASK, ignore_result=True, shared=False)
     def notify(job_id: str, event: str) -> str:
         from worker.notify import build_event_delivery
 
@@ -79,7 +85,7 @@ def _register_tasks(app: Celery) -> None:
             return "no-callback"
         return deliver_callback.run(delivery)
 
-    @app.task(name=keys.CALLBACK_TASK, ignore_result=True)
+    @app.task(name=keys.CALLBACK_TASK, ignore_result=True, shared=False)
     def deliver_callback(delivery: dict) -> str:
         from worker.callbacks import handle_delivery
 

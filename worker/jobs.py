@@ -50,7 +50,8 @@ redis.call('ZADD', PREFIX .. ':leases', ARGV[5], ARGV[1])
 redis.call('EXPIRE', PREFIX .. ':leases', %(ttl)d)
 redis.call('ZREM', PREFIX .. ':queued', ARGV[1])
 emit(KEYS[1], KEYS[2], ARGV[1], 'running', ARGV[4], {attempt = attempts, worker_id = ARGV[2]})
-return {'claimed', attempts}
+local rec = redis.call('HMGET', KEYS[1], 'request', 'queued_at', 'priority')
+return {'claimed', attempts, rec[1], rec[2] or '', rec[3] or ''}
 """ % {"ttl": keys.JOB_TTL_S}
 
 _RENEW = LUA_COMMON + """
@@ -158,14 +159,15 @@ class JobStore:
         """Returns (outcome, claim): outcome is claimed|busy|terminal|missing|expired|poison."""
         token = uuid.uuid4().hex
         now = time.time()
-        outcome, attempt = self._claim(
+        # The record comes back with the claim: a second round trip could fail after the
+        # claim succeeded and strand the job as `running` until its lease expires.
+        outcome, attempt, *rec = self._claim(
             keys=[keys.job(job_id), keys.events(job_id)],
             args=[job_id, self.worker_id, token, repr(now), repr(now + self.lease_s), self.max_crashes],
         )
         outcome = outcome.decode()
         if outcome != "claimed":
             return outcome, None
-        rec = self.redis.hmget(keys.job(job_id), "request", "queued_at", "priority")
         request_json = rec[0].decode()
         callback = json.loads(request_json).get("callback")
         return outcome, Claim(
@@ -179,6 +181,14 @@ class JobStore:
         until = time.time() + self.lease_s
         return bool(self._renew(keys=[keys.job(claim.job_id)], args=[claim.job_id, claim.token, repr(until)]))
 
+    def holds(self, claim: Claim) -> bool:
+        """Renew the lease, riding out a short Redis outage; False means the claim is lost."""
+        reply, _ = self._through_outage(
+            self._renew, keys=[keys.job(claim.job_id)],
+            args=[claim.job_id, claim.token, repr(time.time() + self.lease_s)],
+        )
+        return bool(reply)
+
     def succeed(self, claim: Claim, fields: dict[str, str]) -> bool:
         return self._end(claim, "succeeded", fields, "", "")
 
@@ -186,18 +196,41 @@ class JobStore:
         return self._end(claim, "failed", fields or {}, code, message)
 
     def _end(self, claim: Claim, state: str, fields: dict[str, str], code: str, message: str) -> bool:
-        done, _ = self._finish(
-            keys=[keys.job(claim.job_id), keys.events(claim.job_id)],
+        (done, now_state), retried = self._through_outage(
+            self._finish, keys=[keys.job(claim.job_id), keys.events(claim.job_id)],
             args=[claim.job_id, claim.token, repr(time.time()), state, json.dumps(fields), code, message[:2000]],
         )
+        if not done and retried and (now_state.decode() if isinstance(now_state, bytes) else now_state) == state:
+            # The reply to an earlier try was lost: the transition may be ours already.
+            owner = self.redis.hget(keys.job(claim.job_id), "worker_id")
+            return owner is not None and owner.decode() == self.worker_id
         return bool(done)
 
     def requeue(self, claim: Claim, reason_code: str, *, count_attempt: bool) -> bool:
         """Give the job back to the queue (retry, or a drain that never started it)."""
-        return bool(self._requeue(
-            keys=[keys.job(claim.job_id), keys.events(claim.job_id)],
+        done, _ = self._through_outage(
+            self._requeue, keys=[keys.job(claim.job_id), keys.events(claim.job_id)],
             args=[claim.job_id, claim.token, repr(time.time()), "1" if count_attempt else "0", reason_code],
-        ))
+        )
+        return bool(done)
+
+    def _through_outage(self, script, *, keys: list[str], args: list) -> tuple[object, bool]:
+        """Run a claim holder's transition, riding out a Redis outage shorter than the lease.
+
+        Without this, a blip at the moment a job ends leaves it `running` until its
+        lease expires, and the sweeper then re-runs it and counts a worker crash.
+        Returns (script reply, whether it was retried).
+        """
+        deadline = time.monotonic() + self.lease_s
+        delay, retried = 0.2, False
+        while True:
+            try:
+                return script(keys=keys, args=args), retried
+            except (redis.ConnectionError, redis.TimeoutError):
+                if time.monotonic() + delay > deadline:
+                    raise
+                time.sleep(delay)
+                delay, retried = min(2.0, delay * 2), True
 
     def sweep(self, *, resend_after_s: float, limit: int = 200) -> SweepResult:
         now = time.time()

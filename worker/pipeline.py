@@ -8,6 +8,8 @@ worker/errors.py what to do.
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -64,6 +66,10 @@ def process_job(ctx: JobContext, job_id: str) -> str:
             ctx.metrics.job_finished("failed", outcome)
             ctx.notify(job_id, "failed")
         return outcome
+    crash_on = getattr(ctx.settings, "crash_on_prompt", None)
+    if crash_on is not None and _first_text(claim.request_json) == crash_on:
+        log.error("job.crash_injected", job_id=job_id)
+        os._exit(137)  # test-only fault injection (IVQ_CRASH_ON_PROMPT): this job kills its worker
     structlog.contextvars.bind_contextvars(job_id=job_id, attempt=claim.attempt)
     try:
         if ctx.is_draining():
@@ -114,6 +120,9 @@ def _run(ctx: JobContext, claim: Claim) -> str:
         worker_id=ctx.jobs.worker_id, attempt=claim.attempt, metadata=request.metadata,
     )
     body = result.model_dump(mode="json")
+    if not ctx.jobs.holds(claim):  # cancelled or taken over while it ran: write nothing to the store
+        log.warning("job.result_discarded", reason="claim lost before the result was written")
+        return "discarded"
     url = ctx.store.put_json(f"results/{claim.job_id}.json", body)
     ok = ctx.jobs.succeed(claim, {
         "result": result.model_dump_json(), "output_preview": out.text[:PREVIEW_CHARS],
@@ -127,6 +136,14 @@ def _run(ctx: JobContext, claim: Claim) -> str:
              completion_tokens=out.completion_tokens)
     ctx.notify(claim, "succeeded")
     return "succeeded"
+
+
+def _first_text(request_json: str) -> str | None:
+    for message in json.loads(request_json).get("messages", []):
+        for item in message.get("content", []):
+            if item.get("type") == "text":
+                return item.get("text")
+    return None
 
 
 def _decode(ctx: JobContext, item: ImageItem | VideoItem) -> Any:

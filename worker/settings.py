@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -22,7 +23,8 @@ class Settings(BaseSettings):
     data_dir: Path = Path(".ivq-data")
     store_url: str | None = None  # s3://bucket/prefix or file:///dir; default file://{data_dir}/store
     s3_endpoint_url: str | None = None
-    s3_allowed_buckets: list[str] = Field(default_factory=list)  # empty: any bucket
+    # Comma-separated in the environment (NoDecode: not parsed as JSON first).
+    s3_allowed_buckets: Annotated[list[str], NoDecode] = Field(default_factory=list)  # empty: any bucket
     allowed_file_root: Path | None = None  # default: the file store's directory
     allow_https_media: bool = False
 
@@ -58,6 +60,9 @@ class Settings(BaseSettings):
     max_crashes: int = 2  # deliveries that killed a worker before a job is "poison"
     drain_timeout_s: int = 60
     job_timeout_s: float = 600.0
+    # Test-only fault injection: a worker that claims a job whose first text
+    # item equals this calls os._exit(137), as if the job crashed it (poison test).
+    crash_on_prompt: str | None = None
 
     # Callbacks.
     webhook_secret: SecretStr | None = None  # whsec_<base64>
@@ -72,7 +77,7 @@ class Settings(BaseSettings):
     metrics_port: int | None = None  # None: no HTTP server
     log_level: str = "INFO"
     worker_id: str | None = None
-    queues: list[str] = Field(default_factory=lambda: ["infer", "callbacks"])
+    queues: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["infer", "callbacks"])
 
     @field_validator("s3_allowed_buckets", "queues", mode="before")
     @classmethod
@@ -85,6 +90,17 @@ class Settings(BaseSettings):
     @classmethod
     def _json_dict(cls, v):
         return json.loads(v) if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _consistent_timeouts(self) -> "Settings":
+        # The broker redelivers an unacked message after the visibility timeout: it
+        # must outlast the longest job, or a healthy long job runs twice.
+        if self.visibility_timeout_s <= self.job_timeout_s:
+            raise ValueError(f"IVQ_VISIBILITY_TIMEOUT_S ({self.visibility_timeout_s}) must exceed "
+                             f"IVQ_JOB_TIMEOUT_S ({self.job_timeout_s})")
+        if self.lease_s < 1:
+            raise ValueError("IVQ_LEASE_S must be at least 1 second")
+        return self
 
     # Derived values, so callers never repeat the defaults.
     @property
