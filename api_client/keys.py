@@ -70,6 +70,10 @@ def idempotency(key: str) -> str:
 # the sweeper requeues members whose lease has passed.
 LEASES = f"{PREFIX}:leases"
 
+# Sorted set: "job_id|event" -> time, for every callback an event owes whose
+# notify task has not run yet; the sweeper re-sends the ones that linger.
+PENDING_NOTIFY = f"{PREFIX}:notify"
+
 # List of dead callback deliveries (JSON), for `internvl-queue callbacks dead/replay`.
 DEAD_CALLBACKS = f"{PREFIX}:callbacks:dead"
 

@@ -28,6 +28,20 @@ local function emit(job_key, events_key, job_id, state, now, extra)
   redis.call('RPUSH', events_key, s)
   redis.call('EXPIRE', events_key, EVENTS_TTL)
   redis.call('PUBLISH', PREFIX .. ':chan:' .. job_id, s)
+  -- A callback this event owes is recorded in the same step as the transition, so
+  -- a lost notify message is repaired from here (worker/runtime.py sweep_once).
+  if state ~= 'queued' then
+    local ok, req = pcall(cjson.decode, redis.call('HGET', job_key, 'request') or '{}')
+    local cb = ok and type(req) == 'table' and req['callback'] or nil
+    if type(cb) == 'table' and type(cb['events']) == 'table' then
+      for _, wanted in ipairs(cb['events']) do
+        if wanted == state then
+          redis.call('ZADD', PREFIX .. ':notify', now, job_id .. '|' .. state)
+          redis.call('EXPIRE', PREFIX .. ':notify', EVENTS_TTL)
+        end
+      end
+    end
+  end
 end
 local function end_job(job_key, events_key, job_id, state, now, code, message)
   redis.call('HSET', job_key, 'state', state, 'finished_at', now)

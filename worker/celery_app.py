@@ -80,10 +80,12 @@ def _register_tasks(app: Celery) -> None:
     def notify(job_id: str, event: str) -> str:
         from worker.notify import build_event_delivery
 
-        delivery = build_event_delivery(_redis(app), job_id, event)
-        if delivery is None:
-            return "no-callback"
-        return deliver_callback.run(delivery)
+        redis_client = _redis(app)
+        delivery = build_event_delivery(redis_client, job_id, event)
+        outcome = "no-callback" if delivery is None else deliver_callback.run(delivery)
+        # Delivered, dead-lettered or scheduled for retry: this event's callback is no longer owed.
+        redis_client.zrem(keys.PENDING_NOTIFY, f"{job_id}|{event}")
+        return outcome
 
     @app.task(name=keys.CALLBACK_TASK, ignore_result=True, shared=False)
     def deliver_callback(delivery: dict) -> str:

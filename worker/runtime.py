@@ -215,7 +215,10 @@ class WorkerRuntime:
             return
         if event not in CallbackSpec.model_validate_json(callback_json).events:
             return
-        self.send_task(keys.NOTIFY_TASK, args=[job_id, event], queue=keys.CALLBACKS_QUEUE)
+        try:
+            self.send_task(keys.NOTIFY_TASK, args=[job_id, event], queue=keys.CALLBACKS_QUEUE)
+        except Exception as exc:  # noqa: BLE001 - the transition recorded it; the sweeper re-sends
+            log.warning("notify.send_failed", job_id=job_id, event=event, error=str(exc))
 
     # ---- leases and the sweeper -------------------------------------------
     def _hold(self, claim: Claim) -> None:
@@ -262,9 +265,21 @@ class WorkerRuntime:
         for job_id in result.poisoned:
             self.metrics.job_finished("failed", "poison")
             self.notify(job_id, "failed")
-        if result.requeued or result.poisoned or result.resend:
+        notifies = self.resend_lost_notifies()
+        if result.requeued or result.poisoned or result.resend or notifies:
             log.info("sweep.done", requeued=len(result.requeued), poisoned=len(result.poisoned),
-                     resent=len(result.resend))
+                     resent=len(result.resend), notifies_resent=notifies)
+
+    def resend_lost_notifies(self, limit: int = 200) -> int:
+        """Send again the notify of any event whose callback is still owed after a while."""
+        now = time.time()
+        stale = self.redis.zrangebyscore(keys.PENDING_NOTIFY, "-inf", now - self.settings.callback_resend_after_s,
+                                         start=0, num=limit)
+        for member in stale:
+            job_id, _, event = member.decode().rpartition("|")
+            self.redis.zadd(keys.PENDING_NOTIFY, {member: now}, xx=True)  # next try after another interval
+            self.send_task(keys.NOTIFY_TASK, args=[job_id, event], queue=keys.CALLBACKS_QUEUE)
+        return len(stale)
 
     def _broker_ok(self) -> bool:
         try:

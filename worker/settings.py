@@ -57,7 +57,9 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = 3600
     lease_s: int = 60
     max_attempts: int = 3
-    max_crashes: int = 2  # deliveries that killed a worker before a job is "poison"
+    # Deliveries that killed a worker before a job is "poison". Jobs batched beside a
+    # poison job die with it and count a crash too, so leave room above 2.
+    max_crashes: int = 3
     drain_timeout_s: int = 60
     job_timeout_s: float = 600.0
     # Test-only fault injection: a worker that claims a job whose first text
@@ -72,6 +74,7 @@ class Settings(BaseSettings):
     callback_backoff_base_s: float = 2.0
     callback_backoff_cap_s: float = 600.0
     callback_timeout_s: float = 10.0
+    callback_resend_after_s: float = 120.0  # a notify not run by then is sent again (same webhook-id)
 
     # Operations.
     metrics_port: int | None = None  # None: no HTTP server
