@@ -9,6 +9,7 @@ jobs that never reached the model back to the queue.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
@@ -110,12 +111,9 @@ class WorkerRuntime:
         self.engine = Engine(self.loaded, max_batch_size=s.max_batch_size)
         if s.warmup:
             self.engine.warmup(s.max_batch_size)
-        self.media_limits = MediaLimits(
-            max_image_bytes=s.max_image_bytes, max_image_pixels=s.max_image_pixels,
-            max_video_bytes=s.max_video_bytes, max_video_seconds=s.max_video_seconds,
-            max_video_pixels=s.max_video_pixels, max_video_frames=s.max_video_frames,
-            default_video_frames=s.default_video_frames,
-        )
+        # Every media limit has a setting of the same name (IVQ_MAX_IMAGE_BYTES, ...).
+        self.media_limits = MediaLimits(**{f.name: getattr(s, f.name) for f in dataclasses.fields(MediaLimits)
+                                           if hasattr(s, f.name)})
         self.batcher = MicroBatcher(
             self._run_batch, max_batch_size=s.max_batch_size, max_wait_ms=s.max_wait_ms,
             max_batch_cost=s.max_batch_cost, cost=lambda p: p.cost, group_key=lambda p: p.generation.group_key(),
