@@ -123,12 +123,17 @@ def _run(ctx: JobContext, claim: Claim) -> str:
     if not ctx.jobs.holds(claim):  # cancelled or taken over while it ran: write nothing to the store
         log.warning("job.result_discarded", reason="claim lost before the result was written")
         return "discarded"
-    url = ctx.store.put_json(f"results/{claim.job_id}.json", body)
+    key = f"results/{claim.job_id}.json"
+    url = ctx.store.put_json(key, body)
     ok = ctx.jobs.succeed(claim, {
         "result": result.model_dump_json(), "output_preview": out.text[:PREVIEW_CHARS],
         "batch_size": str(done.batch_size), "result_url": url,
     })
     if not ok:
+        # Cancelled between the check above and the write: take the object back. (If it
+        # was taken over instead, the new holder writes the same key; leave it.)
+        if ctx.jobs.state(claim.job_id) == "cancelled":
+            ctx.store.delete(key)
         log.warning("job.result_discarded", reason="claim lost (cancelled or taken over)")
         return "discarded"
     ctx.metrics.job_finished("succeeded", "")

@@ -268,6 +268,10 @@ class ObjectStore:
     def exists(self, key: str) -> bool:
         raise NotImplementedError
 
+    def delete(self, key: str) -> None:
+        """Remove an object; a missing one is not an error."""
+        raise NotImplementedError
+
 
 class FileStore(ObjectStore):
     """A local directory. Writes are atomic (temp file + fsync + os.replace)."""
@@ -306,6 +310,9 @@ class FileStore(ObjectStore):
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
     def __repr__(self) -> str:
         return f"FileStore({str(self.root)!r})"
 
@@ -342,6 +349,14 @@ class S3Store(ObjectStore):
     def get_json(self, key: str) -> dict:
         raw = s3_get_capped(self.client, self.bucket, self._key(key), MAX_JSON_BYTES, what=self.url_for(key))
         return json.loads(raw)
+
+    def delete(self, key: str) -> None:
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        except ClientError as exc:
+            raise _translate_client_error(exc, self.url_for(key)) from None
+        except BotoCoreError as exc:
+            raise _translate_boto_error(exc, self.url_for(key)) from None
 
     def exists(self, key: str) -> bool:
         try:

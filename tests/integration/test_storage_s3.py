@@ -210,3 +210,11 @@ def _alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_delete_removes_the_object(store: S3Store) -> None:
+    store.put_json("results/gone.json", {"a": 1})
+    assert store.exists("results/gone.json")
+    store.delete("results/gone.json")
+    assert not store.exists("results/gone.json")
+    store.delete("results/gone.json")  # S3 deletes are idempotent

@@ -245,3 +245,11 @@ def test_s3_error_codes_are_typed(code: str, status: int, expected: type) -> Non
         fetcher.get_bytes("s3://media/a.jpg", max_bytes=10)
     if expected is StorageError:
         assert type(info.value) is StorageError  # permanent, not mistaken for transient
+
+
+def test_delete_removes_and_tolerates_missing(store: FileStore) -> None:
+    store.put_json("results/x.json", {"a": 1})
+    assert store.exists("results/x.json")
+    store.delete("results/x.json")
+    assert not store.exists("results/x.json")
+    store.delete("results/x.json")  # already gone: not an error
