@@ -12,6 +12,7 @@ import json
 import time
 import uuid
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import redis
@@ -175,19 +176,17 @@ class JobClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    class _BrokerErrors:
-        def __enter__(self) -> None:
-            return None
-
-        def __exit__(self, typ, exc, tb) -> bool:
-            if exc is not None and isinstance(exc, (redis.ConnectionError, redis.TimeoutError, OSError)):
-                raise BrokerUnavailable(f"Redis unreachable: {exc}") from exc
-            if exc is not None and type(exc).__name__ == "OperationalError":  # kombu publish failure
+    @contextmanager
+    def _broker_errors(self) -> Iterator[None]:
+        """Redis or kombu connection failures become one clear BrokerUnavailable."""
+        try:
+            yield
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            raise BrokerUnavailable(f"Redis unreachable: {exc}") from exc
+        except Exception as exc:
+            if type(exc).__name__ == "OperationalError":  # kombu publish failure
                 raise BrokerUnavailable(f"broker unreachable: {exc}") from exc
-            return False
-
-    def _broker_errors(self) -> "_BrokerErrors":
-        return self._BrokerErrors()
+            raise
 
 
 def _is_terminal(event: dict[str, Any]) -> bool:

@@ -63,7 +63,8 @@ def _jobs(urls: dict[str, str], count: int) -> list[tuple[str, JobRequest, str]]
         ("corrupt jpeg", lambda i: JobRequest.simple("Describe.", images=[urls["corrupt.jpg"]], generation=gen),
          "failed"),
     ]
-    return [(mixes[i % len(mixes)][0], mixes[i % len(mixes)][1](i), mixes[i % len(mixes)][2]) for i in range(count)]
+    picked = [(i, mixes[i % len(mixes)]) for i in range(count)]
+    return [(kind, build(i), expected) for i, (kind, build, expected) in picked]
 
 
 def _start_worker(env: dict[str, str], log_path: Path) -> subprocess.Popen:

@@ -214,9 +214,12 @@ class WorkerRuntime:
         if event not in CallbackSpec.model_validate_json(callback_json).events:
             return
         try:
-            self.send_task(keys.NOTIFY_TASK, args=[job_id, event], queue=keys.CALLBACKS_QUEUE)
+            self._send_notify(job_id, event)
         except Exception as exc:  # noqa: BLE001 - the transition recorded it; the sweeper re-sends
             log.warning("notify.send_failed", job_id=job_id, event=event, error=str(exc))
+
+    def _send_notify(self, job_id: str, event: str) -> None:
+        self.send_task(keys.NOTIFY_TASK, args=[job_id, event], queue=keys.CALLBACKS_QUEUE)
 
     # ---- leases and the sweeper -------------------------------------------
     def _hold(self, claim: Claim) -> None:
@@ -276,7 +279,7 @@ class WorkerRuntime:
         for member in stale:
             job_id, _, event = member.decode().rpartition("|")
             self.redis.zadd(keys.PENDING_NOTIFY, {member: now}, xx=True)  # next try after another interval
-            self.send_task(keys.NOTIFY_TASK, args=[job_id, event], queue=keys.CALLBACKS_QUEUE)
+            self._send_notify(job_id, event)
         return len(stale)
 
     def _broker_ok(self) -> bool:
