@@ -1,37 +1,78 @@
 """The typed things that flow through the model runtime.
 
-One job is followed by following one type: decoded media and the request
-become a `Prepared` (on a task thread), a batch of `Prepared` becomes one
-`Output` or `JobError` each (on the batch thread). Importing this module does
-not import torch or transformers.
+One job is followed by following one type: decoded media and a chat become a
+`Prepared` (on a task thread), the engine turns each `Prepared` into one
+`Output` or raises one of the errors below for that request alone (on the
+model thread). The runtime has its own types: it imports neither api_client
+nor worker; the worker translates its wire types into these and back.
+Importing this module does not import torch or transformers.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
-
-from api_client.schema import ErrorCode, GenerationParams, JobError
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["RequestError", "Prepared", "Output", "ErrorCode", "JobError"]
+__all__ = [
+    "RUNTIME_ERROR_CODES", "RequestError", "TooLargeForGPU", "RequestCancelled", "DeadlineExceeded",
+    "GenerationFailed", "Sampling", "Prepared", "Output",
+]
+
+# Every `code` a runtime error carries; each is also a wire ErrorCode (a test checks).
+RUNTIME_ERROR_CODES = frozenset({
+    "invalid_request", "invalid_media", "media_too_large", "prompt_too_long", "too_large_for_gpu",
+})
 
 
 class RequestError(Exception):
-    """A problem with one request (its media, its prompt), never with the worker.
+    """A problem with one request (its media, its prompt, its size), never with the worker.
 
     It fails that job only; `code` is the stable wire code the client sees.
     """
 
-    def __init__(self, code: ErrorCode, message: str) -> None:
+    def __init__(self, code: str, message: str) -> None:
+        if code not in RUNTIME_ERROR_CODES:
+            raise ValueError(f"unknown runtime error code {code!r}")
         super().__init__(message)
-        self.code = ErrorCode(code)
+        self.code = code
         self.message = message
 
-    def to_job_error(self) -> JobError:
-        return JobError(code=self.code, message=self.message, retryable=False)
+
+class TooLargeForGPU(RequestError):
+    """The request does not fit in memory even alone."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("too_large_for_gpu", message)
+
+
+class RequestCancelled(Exception):
+    """The request's `cancelled()` said so; it left the batch at a step boundary."""
+
+
+class DeadlineExceeded(TimeoutError):
+    """The request was still running (or waiting) at its deadline."""
+
+
+class GenerationFailed(Exception):
+    """The model raised while computing a step this request was part of (a worker fault)."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How one request decodes; every request of a running batch has its own."""
+
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    repetition_penalty: float = 1.0
+    seed: int | None = None  # sampled requests: same seed, same text, whatever the neighbours
+    stop: tuple[str, ...] = ()  # output ends before the first of these strings
 
 
 @dataclass
@@ -42,18 +83,21 @@ class Prepared:
     in prompt order (InternVL feeds video frames to the vision tower as tiles),
     or None for a text-only request. `cost` is in tokens: prompt tokens
     (image and video tokens included) plus the tokens it may generate, which
-    is what the KV cache of a batch grows with.
+    is what its KV cache grows to. `deadline` (time.monotonic) and
+    `cancelled` are set by the caller; the engine checks both at every step.
     """
 
     request_id: str
     input_ids: "torch.Tensor"
     pixel_values: "torch.Tensor | None"
-    generation: GenerationParams
+    sampling: Sampling
     prompt_tokens: int
     image_tiles: int
     video_frames: int
     cost: float
     preprocess_ms: float
+    deadline: float | None = None
+    cancelled: Callable[[], bool] | None = None
 
     @property
     def tiles(self) -> int:
@@ -63,13 +107,15 @@ class Prepared:
 
 @dataclass
 class Output:
-    """What one request got out of one batch."""
+    """What one request got out of the engine."""
 
     request_id: str
     text: str
     finish_reason: Literal["stop", "length"]
     prompt_tokens: int
     completion_tokens: int
-    generate_ms: float
-    batch_size: int
-    padding_tokens: int
+    generate_ms: float  # from admission (vision + prefill start) to the last token
+    batch_size: int  # static: the batch; continuous: the largest running batch it was part of
+    padding_tokens: int  # pad positions its prompt was given by neighbours (0 in the continuous engine)
+    token_ids: list[int] = field(default_factory=list)  # generated ids, stop token excluded
+    wait_ms: float = 0.0  # continuous: from add() to admission

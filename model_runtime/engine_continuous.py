@@ -1,0 +1,430 @@
+"""The continuous (iteration-level) engine: requests join and leave a running batch at step boundaries.
+
+Only the model thread calls it. Each `step()`:
+1. drops the requests that were cancelled or are past their deadline;
+2. admits waiting requests while there is room: `max_batch_size` rows and a
+   KV budget in tokens (`max_batch_tokens`, counted as the batch's padded
+   worst case: rows × the longest prompt + max_new_tokens among them);
+3. runs the vision tower once over the next tiles of the joining requests
+   (at most `vision_chunk_tiles`; tiles are all one size, so nothing pads)
+   and splits the features back per request;
+4. prefills joining requests from `inputs_embeds`, each alone and in chunks of
+   at most `prefill_chunk_tokens` a step, so a 12-tile prompt cannot stall
+   the running rows for its whole length; a finished prefill joins the
+   running batch (`RunningBatch.concatenate`);
+5. decodes one token for every running row, each with its own sampling, and
+   resolves those that ended: EOS, their own max_new_tokens or a stop string.
+
+Failures stay per request: out of memory while joining puts the joiners back
+to wait (fewer at a time, or until the running batch shrinks); out of memory
+mid-decode preempts the newest row, which is queued again to be recomputed;
+a request that cannot fit alone raises `TooLargeForGPU`; any other exception
+fails only the requests of the computation that raised.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+import torch
+from transformers import DynamicCache
+
+from model_runtime.running_batch import Row, RunningBatch
+from model_runtime.sampling import choose_tokens, cut_at_stop, new_generator
+from model_runtime.types import GenerationFailed, Output, Prepared, RequestCancelled, DeadlineExceeded, TooLargeForGPU
+
+log = structlog.get_logger(__name__)
+
+Finished = tuple[Prepared, "Output | BaseException"]
+
+
+@dataclass
+class ContinuousStats:
+    steps: int = 0
+    decode_steps: int = 0
+    decode_rows: int = 0  # sum of running-batch sizes over decode steps
+    prefill_chunks: int = 0
+    prefill_tokens: int = 0
+    vision_calls: int = 0
+    vision_tiles: int = 0
+    preempted: int = 0
+    join_ooms: int = 0
+    max_decode_stall_ms: float = 0.0  # longest vision + prefill time in one step while rows were decoding
+    generate_seconds: float = 0.0  # time inside step()
+
+    @property
+    def mean_decode_batch(self) -> float:
+        return self.decode_rows / self.decode_steps if self.decode_steps else 0.0
+
+
+@dataclass
+class _Joining:
+    """Admitted, not decoding yet: vision features, then a chunked prefill into a cache of its own."""
+
+    row: Row
+    features: list[torch.Tensor] = field(default_factory=list)
+    tiles_done: int = 0
+    embeds: torch.Tensor | None = None  # (1, prompt, hidden) once every tile is encoded
+    cache: DynamicCache = field(default_factory=DynamicCache)
+    prefilled: int = 0
+
+    @property
+    def prepared(self) -> Prepared:
+        return self.row.prepared
+
+
+class ContinuousEngine:
+    def __init__(self, loaded: Any, *, max_batch_size: int, max_batch_tokens: int,
+                 prefill_chunk_tokens: int = 512, vision_chunk_tiles: int = 8) -> None:
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.processor.tokenizer
+        self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
+        self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.vision_chunk_tiles = vision_chunk_tiles
+        self.device = self.model.device
+        self.image_token_id = int(self.model.config.image_token_id)
+        eos = self.model.generation_config.eos_token_id
+        eos = self.tokenizer.eos_token_id if eos is None else eos
+        self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos])
+        self.stats = ContinuousStats()
+        self._waiting: deque[tuple[Prepared, float]] = deque()  # (request, added_at)
+        self._joining: list[_Joining] = []
+        self._running: RunningBatch | None = None
+        self._join_limit = max_batch_size  # halved when joiners run out of memory together
+        self._admit_below: int | None = None  # after a join OOM: wait until fewer rows run than this
+
+    # ------------------------------------------------------------ the driver's side
+    def add(self, prepared: Prepared) -> None:
+        self._waiting.append((prepared, time.monotonic()))
+
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._joining or self._running)
+
+    @property
+    def active(self) -> int:
+        return len(self._joining) + (len(self._running) if self._running else 0)
+
+    def take_waiting(self) -> list[Prepared]:
+        """Requests not admitted yet, removed (draining hands them back)."""
+        taken = [p for p, _ in self._waiting]
+        self._waiting.clear()
+        return taken
+
+    def abort(self, error: type[BaseException] | BaseException) -> list[Finished]:
+        """End every request still here with `error` (drain timeout, shutdown)."""
+        everyone = [p for p, _ in self._waiting] + [j.prepared for j in self._joining]
+        everyone += [r.prepared for r in self._running.rows] if self._running else []
+        self._waiting.clear()
+        self._joining = []
+        self._running = None
+        return [(p, error if isinstance(error, BaseException) else error("aborted")) for p in everyone]
+
+    def step(self) -> list[Finished]:
+        started = time.perf_counter()
+        finished: list[Finished] = []
+        with torch.inference_mode():
+            self._drop_stopped(finished)
+            self._admit(finished)
+            decoding = self._running is not None
+            work_before = self.stats.vision_calls + self.stats.prefill_chunks
+            join_started = time.perf_counter()
+            self._encode_tiles(finished)
+            self._prefill(finished)
+            if decoding and self.stats.vision_calls + self.stats.prefill_chunks > work_before:
+                stall_ms = (time.perf_counter() - join_started) * 1000.0  # the running rows waited this long
+                self.stats.max_decode_stall_ms = max(self.stats.max_decode_stall_ms, stall_ms)
+            self._decode(finished)
+        self.stats.steps += 1
+        self.stats.generate_seconds += time.perf_counter() - started
+        return finished
+
+    def run_until_done(self, items: list[Prepared]) -> list[Output | BaseException]:
+        """Add `items`, step until each has ended; results in the same order (tests, warm-up, benchmarks)."""
+        for item in items:
+            self.add(item)
+        results: dict[int, Output | BaseException] = {}
+        while len(results) < len(items):
+            for prepared, result in self.step():
+                results[id(prepared)] = result
+        return [results[id(item)] for item in items]
+
+    # ------------------------------------------------------------ 1. cancelled, past deadline
+    def _stop_reason(self, prepared: Prepared, now: float) -> BaseException | None:
+        if prepared.cancelled is not None and prepared.cancelled():
+            return RequestCancelled(f"{prepared.request_id} cancelled")
+        if prepared.deadline is not None and now >= prepared.deadline:
+            return DeadlineExceeded(f"{prepared.request_id} still unfinished at its deadline")
+        return None
+
+    def _drop_stopped(self, finished: list[Finished]) -> None:
+        now = time.monotonic()
+        for entry in list(self._waiting):
+            if (reason := self._stop_reason(entry[0], now)) is not None:
+                self._waiting.remove(entry)
+                finished.append((entry[0], reason))
+        for joining in list(self._joining):
+            if (reason := self._stop_reason(joining.prepared, now)) is not None:
+                self._joining.remove(joining)
+                finished.append((joining.prepared, reason))
+        if self._running is not None:
+            keep = []
+            for index, row in enumerate(self._running.rows):
+                if (reason := self._stop_reason(row.prepared, now)) is not None:
+                    finished.append((row.prepared, reason))
+                else:
+                    keep.append(index)
+            self._set_running(keep)
+
+    # ------------------------------------------------------------ 2. admission
+    def _worst_case_kv(self, extra: Prepared) -> int:
+        """Padded KV tokens if `extra` joined and every row ran to its max_new_tokens."""
+        rows = [j.prepared for j in self._joining] + [extra]
+        rows += [r.prepared for r in self._running.rows] if self._running else []
+        return len(rows) * max(p.prompt_tokens + p.sampling.max_new_tokens for p in rows)
+
+    def _admit(self, finished: list[Finished]) -> None:
+        running = len(self._running) if self._running else 0
+        if self._admit_below is not None:
+            if running >= self._admit_below:
+                return
+            self._admit_below = None
+        while self._waiting and self.active < self.max_batch_size and len(self._joining) < self._join_limit:
+            prepared, added_at = self._waiting[0]
+            alone = prepared.prompt_tokens + prepared.sampling.max_new_tokens
+            if alone > self.max_batch_tokens:
+                self._waiting.popleft()
+                finished.append((prepared, TooLargeForGPU(
+                    f"prompt {prepared.prompt_tokens} + max_new_tokens {prepared.sampling.max_new_tokens} tokens "
+                    f"exceed this worker's KV budget of {self.max_batch_tokens}; use fewer or smaller media, "
+                    "fewer frames or fewer new tokens")))
+                continue
+            if self.active and self._worst_case_kv(prepared) > self.max_batch_tokens:
+                return  # first come, first served: it joins when rows leave
+            self._waiting.popleft()
+            row = Row(prepared=prepared, seen=prepared.input_ids.to(self.device),
+                      generator=new_generator(prepared.sampling, self.device), added_at=added_at,
+                      admitted_at=time.monotonic())
+            self._joining.append(_Joining(row))
+
+    # ------------------------------------------------------------ 3. vision tower
+    def _encode_tiles(self, finished: list[Finished]) -> None:
+        budget = self.vision_chunk_tiles
+        parts: list[tuple[_Joining, int, int]] = []  # (joiner, first tile, tiles)
+        for joining in self._joining:
+            if joining.embeds is not None or budget <= 0:
+                continue
+            left = joining.prepared.tiles - joining.tiles_done
+            take = min(left, budget)
+            if take:
+                parts.append((joining, joining.tiles_done, take))
+                budget -= take
+        if parts:
+            pixels = torch.cat([j.prepared.pixel_values[s : s + n] for j, s, n in parts])
+            try:
+                features = self._image_features(pixels)
+            except Exception as exc:  # noqa: BLE001 - fails (or defers) only the requests in this call
+                self._joining_failed([j for j, _, _ in parts], exc, finished)
+                return
+            self.stats.vision_calls += 1
+            self.stats.vision_tiles += int(pixels.shape[0])
+            offset = 0
+            for joining, _, count in parts:
+                joining.features.append(features[offset : offset + count])
+                joining.tiles_done += count
+                offset += count
+        for joining in list(self._joining):
+            if joining.embeds is None and joining.tiles_done == joining.prepared.tiles:
+                try:
+                    joining.embeds = self._embed(joining)
+                except Exception as exc:  # noqa: BLE001
+                    self._joining_failed([joining], exc, finished)
+
+    def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        config = self.model.config
+        out = self.model.get_image_features(
+            pixel_values=pixels.to(device=self.device, dtype=self.model.dtype),
+            vision_feature_layer=config.vision_feature_layer,
+            vision_feature_select_strategy=config.vision_feature_select_strategy, return_dict=True,
+        )
+        return out.pooler_output  # (tiles, tokens per tile, hidden)
+
+    def _embed(self, joining: _Joining) -> torch.Tensor:
+        ids = joining.row.seen
+        embeds = self.model.get_input_embeddings()(ids)
+        if joining.features:
+            features = torch.cat(joining.features).reshape(-1, embeds.shape[-1]).to(embeds.dtype)
+            slots = ids == self.image_token_id
+            if int(slots.sum()) != features.shape[0]:
+                raise GenerationFailed(f"{int(slots.sum())} image placeholders for {features.shape[0]} features")
+            embeds[slots] = features
+            joining.features = []
+        return embeds[None]
+
+    # ------------------------------------------------------------ 4. prefill
+    def _prefill(self, finished: list[Finished]) -> None:
+        budget = self.prefill_chunk_tokens
+        for joining in list(self._joining):
+            if joining.embeds is None or budget <= 0:
+                continue
+            start = joining.prefilled
+            end = min(joining.embeds.shape[1], start + budget)
+            try:
+                out = self.model(
+                    inputs_embeds=joining.embeds[:, start:end],
+                    attention_mask=torch.ones((1, end), dtype=torch.long, device=self.device),
+                    position_ids=torch.arange(start, end, device=self.device)[None],
+                    past_key_values=joining.cache, use_cache=True, logits_to_keep=1,
+                )
+            except Exception as exc:  # noqa: BLE001
+                self._joining_failed([joining], exc, finished)
+                continue
+            joining.cache = out.past_key_values
+            joining.prefilled = end
+            budget -= end - start
+            self.stats.prefill_chunks += 1
+            self.stats.prefill_tokens += end - start
+            if end == joining.embeds.shape[1]:
+                self._joining.remove(joining)
+                self._join_limit = self.max_batch_size
+                self._start_decoding(joining, out.logits[:, -1, :], finished)
+
+    def _start_decoding(self, joining: _Joining, logits: torch.Tensor, finished: list[Finished]) -> None:
+        row = joining.row
+        token = choose_tokens(logits, [row.prepared.sampling], [row.seen], [row.generator])[0]
+        if self._advance(row, token, finished):
+            return
+        single = RunningBatch.from_prefill(row, joining.cache, int(joining.embeds.shape[1]), token)
+        if self._running is None:
+            self._running = single
+        else:
+            self._running.concatenate(single)
+
+    def _joining_failed(self, joiners: list[_Joining], exc: Exception, finished: list[Finished]) -> None:
+        for joining in joiners:
+            if joining in self._joining:
+                self._joining.remove(joining)
+        if not isinstance(exc, torch.cuda.OutOfMemoryError):
+            log.error("join_failed", requests=[j.prepared.request_id for j in joiners], error=repr(exc),
+                      traceback=traceback.format_exc())
+            for joining in joiners:
+                finished.append((joining.prepared, _as_failure(exc)))
+            return
+        del exc  # the traceback pins the tensors of the failed call
+        _empty_cuda_cache()
+        self.stats.join_ooms += 1
+        running = len(self._running) if self._running else 0
+        if len(joiners) == 1 and running == 0 and not self._joining:
+            prepared = joiners[0].prepared
+            log.warning("too_large_for_gpu", request_id=prepared.request_id, prompt_tokens=prepared.prompt_tokens)
+            finished.append((prepared, TooLargeForGPU(
+                f"out of GPU memory even alone ({prepared.prompt_tokens} prompt tokens, {prepared.tiles} tiles); "
+                "use fewer or smaller media or fewer frames")))
+            return
+        for joining in reversed(joiners):  # back to the front of the queue, in their order
+            self._waiting.appendleft((joining.prepared, joining.row.added_at))
+        if len(joiners) > 1:
+            self._join_limit = max(1, len(joiners) // 2)
+        else:
+            self._admit_below = max(1, running)
+        log.warning("join_oom_wait", requests=[j.prepared.request_id for j in joiners], running=running,
+                    join_limit=self._join_limit)
+
+    # ------------------------------------------------------------ 5. decode
+    def _decode(self, finished: list[Finished]) -> None:
+        batch = self._running
+        if batch is None:
+            return
+        try:
+            logits = batch.decode(self.model)
+        except torch.cuda.OutOfMemoryError:
+            self._decode_oom(finished)
+            return
+        except Exception as exc:  # noqa: BLE001 - every running row was touched by this forward
+            log.error("decode_failed", rows=len(batch), error=repr(exc), traceback=traceback.format_exc())
+            finished.extend((row.prepared, _as_failure(exc)) for row in batch.rows)
+            self._running = None
+            return
+        self.stats.decode_steps += 1
+        self.stats.decode_rows += len(batch)
+        tokens = choose_tokens(logits, [r.prepared.sampling for r in batch.rows], [r.seen for r in batch.rows],
+                               [r.generator for r in batch.rows])
+        batch.set_next(tokens)
+        keep = [i for i, (row, token) in enumerate(zip(batch.rows, tokens)) if not self._advance(row, token, finished)]
+        self._set_running(keep)
+
+    def _decode_oom(self, finished: list[Finished]) -> None:
+        _empty_cuda_cache()
+        batch = self._running
+        assert batch is not None
+        newest = max(range(len(batch)), key=lambda i: batch.rows[i].admitted_at)
+        row = batch.rows[newest]
+        if len(batch) == 1:
+            log.warning("too_large_for_gpu", request_id=row.request_id, cached=batch.columns)
+            finished.append((row.prepared, TooLargeForGPU(
+                f"out of GPU memory decoding alone at {batch.columns} tokens; use fewer new tokens or less media")))
+            self._running = None
+            return
+        self._set_running([i for i in range(len(batch)) if i != newest])
+        self._waiting.appendleft((row.prepared, row.added_at))  # recomputed from scratch when it rejoins
+        self._admit_below = len(batch) - 1
+        self.stats.preempted += 1
+        log.warning("preempted", request_id=row.request_id, generated=len(row.generated), running=len(batch) - 1)
+
+    def _set_running(self, keep: list[int]) -> None:
+        if self._running is None:
+            return
+        if keep:
+            self._running.filter(keep)
+        else:
+            self._running = None
+
+    # ------------------------------------------------------------ one token more
+    def _advance(self, row: Row, token: int, finished: list[Finished]) -> bool:
+        """Record `token` for `row`; True (and its Output in `finished`) when the row is done."""
+        sampling = row.prepared.sampling
+        if token in self.eos_ids:
+            finished.append((row.prepared, self._output(row, "stop", completion=len(row.generated) + 1)))
+            return True
+        row.append(token)
+        if sampling.stop:
+            text = self.tokenizer.decode(row.generated, skip_special_tokens=True)
+            if (cut := cut_at_stop(text, sampling.stop)) is not None:
+                finished.append((row.prepared, self._output(row, "stop", text=cut)))
+                return True
+        if len(row.generated) >= sampling.max_new_tokens:
+            finished.append((row.prepared, self._output(row, "length")))
+            return True
+        return False
+
+    def _output(self, row: Row, reason: str, *, text: str | None = None, completion: int | None = None) -> Output:
+        now = time.monotonic()
+        return Output(
+            request_id=row.request_id,
+            text=self.tokenizer.decode(row.generated, skip_special_tokens=True) if text is None else text,
+            finish_reason=reason,  # type: ignore[arg-type]
+            prompt_tokens=row.prepared.prompt_tokens,
+            completion_tokens=len(row.generated) if completion is None else completion,
+            generate_ms=(now - row.admitted_at) * 1000.0,
+            batch_size=row.peak_batch,
+            padding_tokens=0,
+            token_ids=list(row.generated),
+            wait_ms=(row.admitted_at - row.added_at) * 1000.0,
+        )
+
+
+def _as_failure(exc: BaseException) -> BaseException:
+    if isinstance(exc, (GenerationFailed, TooLargeForGPU)):
+        return exc
+    return GenerationFailed(f"generation failed: {type(exc).__name__}: {exc}")
+
+
+def _empty_cuda_cache() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

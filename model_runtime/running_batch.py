@@ -1,0 +1,139 @@
+"""The running batch of the continuous engine: one object holding the KV cache and every row's state.
+
+Like TGI's `CausalLMBatch`, continuous batching is a few named operations
+on one type: `from_prefill` (a request whose prompt is prefilled becomes a
+batch of one), `concatenate` (requests join), `filter` (requests leave) and
+`decode` (one token for every row). The cache is a transformers
+`DynamicCache`, left-padded to the longest row: a row's keys sit at the
+right end, the attention mask hides the pad columns, and each row's
+position ids are its own, so every row computes exactly what it would
+alone. Columns that no row uses any more are dropped when rows leave.
+Only the public cache API is used: iterating a `DynamicCache` gives each
+layer's keys and values, `DynamicCache(ddp_cache_data=...)` builds one, and
+`batch_select_indices` keeps rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from model_runtime.types import Prepared
+
+
+@dataclass
+class Row:
+    """One request's decoding state."""
+
+    prepared: Prepared
+    seen: torch.Tensor  # prompt ids + generated ids (repetition penalty)
+    generator: torch.Generator | None
+    added_at: float
+    admitted_at: float
+    generated: list[int] = field(default_factory=list)
+    peak_batch: int = 1
+    text: str = ""  # decoded output so far, kept only for rows with stop strings
+
+    @property
+    def request_id(self) -> str:
+        return self.prepared.request_id
+
+    def append(self, token: int) -> None:
+        self.generated.append(token)
+        self.seen = torch.cat([self.seen, self.seen.new_tensor([token])])
+
+
+def _left_pad(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    missing = length - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+class RunningBatch:
+    """Rows decoding together; the model thread owns it."""
+
+    def __init__(self, rows: list[Row], cache: DynamicCache, mask: torch.Tensor, positions: torch.Tensor,
+                 next_ids: torch.Tensor) -> None:
+        self.rows = rows
+        self.cache = cache
+        self.mask = mask  # (rows, columns) 1 where the row has a cached token
+        self.positions = positions  # (rows,) position id of the token fed next
+        self.next_ids = next_ids  # (rows,) token fed next: each row's last chosen token
+
+    @classmethod
+    def from_prefill(cls, row: Row, cache: DynamicCache, prompt_length: int, first_token: int) -> "RunningBatch":
+        device = row.seen.device
+        return cls([row], cache, torch.ones((1, prompt_length), dtype=torch.long, device=device),
+                   torch.tensor([prompt_length], device=device), torch.tensor([first_token], device=device))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def columns(self) -> int:
+        return int(self.mask.shape[1])
+
+    @property
+    def kv_tokens(self) -> int:
+        """Cache slots held, pads included: what memory the batch takes."""
+        return len(self.rows) * self.columns
+
+    def concatenate(self, other: "RunningBatch") -> None:
+        """`other`'s rows join; both caches are left-padded to the longer one."""
+        columns = max(self.columns, other.columns)
+        layers = []
+        for (k1, v1, *_), (k2, v2, *_) in zip(self.cache, other.cache, strict=True):
+            layers.append((torch.cat([_left_pad(k1, columns, 2), _left_pad(k2, columns, 2)]),
+                           torch.cat([_left_pad(v1, columns, 2), _left_pad(v2, columns, 2)])))
+        self.cache = DynamicCache(ddp_cache_data=layers)
+        self.mask = torch.cat([_left_pad(self.mask, columns, 1), _left_pad(other.mask, columns, 1)])
+        self.positions = torch.cat([self.positions, other.positions])
+        self.next_ids = torch.cat([self.next_ids, other.next_ids])
+        self.rows.extend(other.rows)
+        self._note_size()
+
+    def filter(self, keep: list[int]) -> None:
+        """Keep these rows (indices into `rows`), then drop the pad columns nobody needs."""
+        if len(keep) == len(self.rows):
+            return
+        index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
+        self.cache.batch_select_indices(index)
+        self.mask = self.mask[index]
+        self.positions = self.positions[index]
+        self.next_ids = self.next_ids[index]
+        self.rows = [self.rows[i] for i in keep]
+        used = self.mask.any(dim=0).nonzero()
+        first = int(used[0]) if len(used) else self.columns
+        if first > 0:
+            self.cache = DynamicCache(ddp_cache_data=[(k[:, :, first:], v[:, :, first:]) for k, v, *_ in self.cache])
+            self.mask = self.mask[:, first:]
+
+    def decode(self, model: Any) -> torch.Tensor:
+        """One forward for every row: feed each row's last token, return the next-token logits (rows × vocab)."""
+        mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
+        try:
+            out = model(input_ids=self.next_ids[:, None], attention_mask=mask, position_ids=self.positions[:, None],
+                        past_key_values=self.cache, use_cache=True)
+        except BaseException:
+            # Layers that stored this step's keys before the failure give them back.
+            self.cache = DynamicCache(ddp_cache_data=[(k[:, :, : self.columns], v[:, :, : self.columns])
+                                                      for k, v, *_ in self.cache])
+            raise
+        self.mask = mask
+        self.cache = out.past_key_values
+        self.positions = self.positions + 1
+        return out.logits[:, -1, :]
+
+    def set_next(self, tokens: list[int]) -> None:
+        self.next_ids = torch.tensor(tokens, dtype=torch.long, device=self.next_ids.device)
+
+    def _note_size(self) -> None:
+        for row in self.rows:
+            row.peak_batch = max(row.peak_batch, len(self.rows))
+
