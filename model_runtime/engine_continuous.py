@@ -226,25 +226,34 @@ class ContinuousEngine:
                 parts.append((joining, joining.tiles_done, take))
                 budget -= take
         if parts:
-            pixels = torch.cat([j.prepared.pixel_values[s : s + n] for j, s, n in parts])
-            try:
-                features = self._image_features(pixels)
-            except Exception as exc:  # noqa: BLE001 - fails (or defers) only the requests in this call
-                self._joining_failed([j for j, _, _ in parts], exc, finished)
-                return
-            self.stats.vision_calls += 1
-            self.stats.vision_tiles += int(pixels.shape[0])
-            offset = 0
-            for joining, _, count in parts:
-                joining.features.append(features[offset : offset + count])
-                joining.tiles_done += count
-                offset += count
+            self._encode_parts(parts, finished)
         for joining in list(self._joining):
             if joining.embeds is None and joining.tiles_done == joining.prepared.tiles:
                 try:
                     joining.embeds = self._embed(joining)
                 except Exception as exc:  # noqa: BLE001
                     self._joining_failed([joining], exc, finished)
+
+    def _encode_parts(self, parts: list[tuple[_Joining, int, int]], finished: list[Finished]) -> None:
+        """One vision call over these tiles; on an error other than OOM, each request again alone,
+        so one bad input fails only itself."""
+        pixels = torch.cat([j.prepared.pixel_values[s : s + n] for j, s, n in parts])
+        try:
+            features = self._image_features(pixels)
+        except Exception as exc:  # noqa: BLE001 - fails (or defers) only the requests in this call
+            if len(parts) > 1 and not isinstance(exc, torch.cuda.OutOfMemoryError):
+                for part in parts:
+                    self._encode_parts([part], finished)
+                return
+            self._joining_failed([j for j, _, _ in parts], exc, finished)
+            return
+        self.stats.vision_calls += 1
+        self.stats.vision_tiles += int(pixels.shape[0])
+        offset = 0
+        for joining, _, count in parts:
+            joining.features.append(features[offset : offset + count])
+            joining.tiles_done += count
+            offset += count
 
     def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         config = self.model.config
@@ -284,7 +293,7 @@ class ContinuousEngine:
                 )
             except Exception as exc:  # noqa: BLE001
                 self._joining_failed([joining], exc, finished)
-                continue
+                break  # after an OOM the others try again next step, within the lowered limits
             joining.cache = out.past_key_values
             joining.prefilled = end
             budget -= end - start
@@ -292,7 +301,7 @@ class ContinuousEngine:
             self.stats.prefill_tokens += end - start
             if end == joining.embeds.shape[1]:
                 self._joining.remove(joining)
-                self._join_limit = self.max_batch_size
+                self._join_limit = min(self.max_batch_size, self._join_limit + 1)
                 self._start_decoding(joining, out.logits[:, -1, :], finished)
 
     def _start_decoding(self, joining: _Joining, logits: torch.Tensor, finished: list[Finished]) -> None:
@@ -327,12 +336,13 @@ class ContinuousEngine:
                 f"out of GPU memory even alone ({prepared.prompt_tokens} prompt tokens, {prepared.tiles} tiles); "
                 "use fewer or smaller media or fewer frames")))
             return
-        for joining in reversed(joiners):  # back to the front of the queue, in their order
-            self._waiting.appendleft((joining.prepared, joining.row.added_at))
-        if len(joiners) > 1:
-            self._join_limit = max(1, len(joiners) // 2)
-        else:
-            self._admit_below = max(1, running)
+        for joining in joiners:  # back in the queue, in arrival order: first come, first served
+            self._waiting.append((joining.prepared, joining.row.added_at))
+        self._waiting = deque(sorted(self._waiting, key=lambda entry: entry[1]))
+        # Fewer joiners at a time (split); one alone beside running rows waits until some leave.
+        self._join_limit = max(1, (len(self._joining) + len(joiners)) // 2)
+        if len(joiners) == 1 and not self._joining:
+            self._admit_below = running
         log.warning("join_oom_wait", requests=[j.prepared.request_id for j in joiners], running=running,
                     join_limit=self._join_limit)
 
@@ -371,11 +381,12 @@ class ContinuousEngine:
                 f"out of GPU memory decoding alone at {batch.columns} tokens; use fewer new tokens or less media")))
             self._running = None
             return
+        left = len(batch) - 1
         self._set_running([i for i in range(len(batch)) if i != newest])
         self._waiting.appendleft((row.prepared, row.added_at))  # recomputed from scratch when it rejoins
-        self._admit_below = len(batch) - 1
+        self._admit_below = left  # it rejoins once a row has left
         self.stats.preempted += 1
-        log.warning("preempted", request_id=row.request_id, generated=len(row.generated), running=len(batch) - 1)
+        log.warning("preempted", request_id=row.request_id, generated=len(row.generated), running=left)
 
     def _set_running(self, keep: list[int]) -> None:
         if self._running is None:

@@ -96,7 +96,6 @@ class RunningBatch:
         self.positions = torch.cat([self.positions, other.positions])
         self.next_ids = torch.cat([self.next_ids, other.next_ids])
         self.rows.extend(other.rows)
-        self._note_size()
 
     def filter(self, keep: list[int]) -> None:
         """Keep these rows (indices into `rows`), then drop the pad columns nobody needs."""
@@ -128,12 +127,10 @@ class RunningBatch:
         self.mask = mask
         self.cache = out.past_key_values
         self.positions = self.positions + 1
+        for row in self.rows:
+            row.peak_batch = max(row.peak_batch, len(self.rows))
         return out.logits[:, -1, :]
 
     def set_next(self, tokens: list[int]) -> None:
         self.next_ids = torch.tensor(tokens, dtype=torch.long, device=self.next_ids.device)
-
-    def _note_size(self) -> None:
-        for row in self.rows:
-            row.peak_batch = max(row.peak_batch, len(self.rows))
 
