@@ -21,6 +21,8 @@ MAX_TEXT_CHARS = 32_000
 MAX_URL_CHARS = 2_048
 MAX_METADATA_ITEMS = 32
 MAX_REQUEST_BYTES = 256 * 1024
+MAX_STOP_STRINGS = 4
+MAX_STOP_CHARS = 64
 ALLOWED_URL_SCHEMES = ("s3://", "file://", "https://", "http://")
 
 
@@ -117,10 +119,17 @@ class GenerationParams(_Strict):
     top_k: int | None = Field(default=None, ge=1, le=1000)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=5.0)
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
+    stop: list[str] = Field(
+        default_factory=list, max_length=MAX_STOP_STRINGS,
+        description="the output ends before the first of these strings",
+    )
 
-    def group_key(self) -> tuple:
-        """Requests batch together only when they decode the same way."""
-        return tuple(self.model_dump().items())
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, v: list[str]) -> list[str]:
+        if any(not 1 <= len(s) <= MAX_STOP_CHARS for s in v):
+            raise ValueError(f"each stop string must be 1..{MAX_STOP_CHARS} characters")
+        return v
 
 
 CallbackEvent = Literal["running", "succeeded", "failed", "cancelled"]

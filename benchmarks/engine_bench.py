@@ -45,10 +45,11 @@ class EngineRun:
 
 def prepare_all(loaded: Any, requests: list, decoded: list[dict], *, max_tiles: int = 12) -> list:
     from model_runtime.prompts import prepare
+    from worker.translate import chat_of, sampling_of
 
     return [
-        prepare(loaded.processor, request, media, request_id=f"bench-{i}", max_tiles=max_tiles,
-                context_length=loaded.context_length)
+        prepare(loaded.processor, chat_of(request), media, sampling_of(request.generation), request_id=f"bench-{i}",
+                max_tiles=max_tiles, context_length=loaded.context_length)
         for i, (request, media) in enumerate(zip(requests, decoded))
     ]
 

@@ -54,7 +54,7 @@ class MediaSet:
 
 
 def build_media(tile: int, *, images: int, videos: int, video_seconds: float = 4.0) -> MediaSet:
-    from model_runtime.media import make_sample_image, make_sample_video
+    from model_runtime.samples import make_sample_image, make_sample_video
 
     data: dict[str, bytes] = {}
     one, many, vids = [], [], []

@@ -12,7 +12,7 @@ from typing import Any
 
 
 def sample_clip(out_dir: Path, *, seconds: int, fps: int = 30, width: int = 1280, height: int = 720) -> Path:
-    from model_runtime.media import make_sample_video
+    from model_runtime.samples import make_sample_video
 
     path = out_dir / f"clip-{seconds}s-{height}p-{fps}fps.mp4"
     if not path.exists():

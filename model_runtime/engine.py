@@ -1,31 +1,37 @@
 """Run a micro-batch of `Prepared` requests through one `model.generate` per group.
 
-Only the batch thread calls this. Requests batch together only when they
-decode the same way (`GenerationParams.group_key()`); each group is
-left-padded into one tensor, its pixel rows concatenated in order, and
-generated once. Left padding with a proper attention mask gives every row
-the same greedy tokens it would get alone (tests/integration/test_engine.py
-checks it).
+The static engine, kept for side-by-side benchmarks. Only the model thread
+calls this. Requests batch together only when they decode the same way
+(equal `Sampling`); each group is left-padded into one tensor, its pixel
+rows concatenated in order, and generated once. Left padding with a proper
+attention mask gives every row the same greedy tokens it would get alone
+(tests/integration/test_engine.py checks it). Stop strings are applied to
+the decoded text afterwards.
 
+Each request gets an `Output` or an exception instance of its own.
 Failures: CUDA out-of-memory splits the group in halves and retries each
-half, down to single requests; a request that does not fit alone fails
-with too_large_for_gpu and its neighbours still run. Any other exception
-fails every request of that group with internal_error; we do not bisect to
-find a culprit, because requests reaching here were already validated by
-`prepare` and a generate failure is a worker fault, not a request fault.
+half, down to single requests; a request that does not fit alone gets
+`TooLargeForGPU` and its neighbours still run. Any other exception gives
+every request of that group `GenerationFailed`; we do not bisect to find a
+culprit, because requests reaching here were already validated by `prepare`
+and a generate failure is a worker fault, not a request fault. A request
+already cancelled or past its deadline when its batch starts does not run:
+it gets `RequestCancelled` / `DeadlineExceeded`.
 """
 
 from __future__ import annotations
 
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import structlog
 
-from api_client.schema import ErrorCode, JobError
-from model_runtime.types import Output, Prepared
+from model_runtime.types import (
+    DeadlineExceeded, GenerationFailed, Output, Prepared, RequestCancelled, Sampling, TooLargeForGPU,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -44,21 +50,14 @@ class EngineStats:
 
 
 class Engine:
-    """Owns the model on the batch thread.
+    """Owns the model on the model thread."""
 
-    `oom_above_tokens` is a test and rehearsal hook: when set, a generate
-    call whose padded prompt (rows × longest prompt) exceeds it raises
-    `torch.cuda.OutOfMemoryError` before touching the model, so the
-    splitting path runs on machines without a GPU.
-    """
-
-    def __init__(self, loaded: Any, *, max_batch_size: int, oom_above_tokens: int | None = None) -> None:
+    def __init__(self, loaded: Any, *, max_batch_size: int) -> None:
         self.loaded = loaded
         self.model = loaded.model
         self.processor = loaded.processor
         self.tokenizer = loaded.processor.tokenizer
         self.max_batch_size = max_batch_size
-        self.oom_above_tokens = oom_above_tokens
         self.stats = EngineStats()
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
@@ -70,12 +69,18 @@ class Engine:
 
     # ------------------------------------------------------------ public
 
-    def generate_batch(self, items: list[Prepared]) -> list[Output | JobError]:
-        """One result per item, in the same order."""
-        groups: dict[tuple, list[int]] = {}
+    def generate_batch(self, items: list[Prepared]) -> list[Output | Exception]:
+        """One result per item, in the same order: its `Output`, or the exception for it alone."""
+        results: list[Output | Exception | None] = [None] * len(items)
+        groups: dict[Sampling, list[int]] = {}
+        now = time.monotonic()
         for position, item in enumerate(items):
-            groups.setdefault(item.generation.group_key(), []).append(position)
-        results: list[Output | JobError | None] = [None] * len(items)
+            if item.cancelled is not None and item.cancelled():
+                results[position] = RequestCancelled(f"{item.request_id} was cancelled before it ran")
+            elif item.deadline is not None and now >= item.deadline:
+                results[position] = DeadlineExceeded(f"{item.request_id} reached its deadline before it ran")
+            else:
+                groups.setdefault(item.sampling, []).append(position)
         for positions in groups.values():
             # Never exceed the batch size the warm-up proved fits.
             for start in range(0, len(positions), self.max_batch_size):
@@ -90,18 +95,15 @@ class Engine:
         Raises on any failure, out-of-memory included: a batch size the GPU
         cannot hold must fail at start, not under traffic. Returns seconds.
         """
-        from api_client.schema import GenerationParams, JobRequest
-        from model_runtime.media import MediaLimits, decode_image, make_sample_image
-        from model_runtime.prompts import prepare
+        from model_runtime.media import MediaLimits, decode_image
+        from model_runtime.prompts import prepare, simple_chat
+        from model_runtime.samples import make_sample_image
 
         size = max_batch_size or self.max_batch_size
         image = decode_image(make_sample_image(896, 672, seed=7), MediaLimits())
-        request = JobRequest.simple(
-            "Describe this image in detail.", images=["file://warmup.jpg"],
-            generation=GenerationParams(max_new_tokens=max_new_tokens),
-        )
         prepared = prepare(
-            self.processor, request, {"file://warmup.jpg": image}, request_id="warmup",
+            self.processor, simple_chat("Describe this image in detail.", images=["file://warmup.jpg"]),
+            {"file://warmup.jpg": image}, Sampling(max_new_tokens=max_new_tokens), request_id="warmup",
             context_length=self.loaded.context_length,
         )
         started = time.perf_counter()
@@ -112,7 +114,7 @@ class Engine:
 
     # ------------------------------------------------------------ internals
 
-    def _run_group(self, items: list[Prepared]) -> list[Output | JobError]:
+    def _run_group(self, items: list[Prepared]) -> list[Output | Exception]:
         import torch
 
         try:
@@ -122,16 +124,16 @@ class Engine:
         except Exception as exc:  # noqa: BLE001 - one bad group must not take the batch thread down
             # The traceback as text: renderers that expand locals would walk whole tensors.
             log.error("generate_failed", batch_size=len(items), error=repr(exc), traceback=traceback.format_exc())
-            error = JobError(code=ErrorCode.internal_error, message=f"generation failed: {type(exc).__name__}: {exc}")
-            return [error] * len(items)
+            # One instance per request (each future raises its own); no `from exc`: it would pin the tensors.
+            message = f"generation failed: {type(exc).__name__}: {exc}"
+            return [GenerationFailed(message) for _ in items]
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         if len(items) == 1:
             log.warning("too_large_for_gpu", request_id=items[0].request_id, prompt_tokens=items[0].prompt_tokens)
-            return [JobError(
-                code=ErrorCode.too_large_for_gpu,
-                message=f"out of GPU memory even alone ({items[0].prompt_tokens} prompt tokens, "
-                f"{items[0].tiles} tiles); use fewer or smaller media or fewer frames",
+            return [TooLargeForGPU(
+                f"out of GPU memory even alone ({items[0].prompt_tokens} prompt tokens, "
+                f"{items[0].tiles} tiles); use fewer or smaller media or fewer frames"
             )]
         self.stats.oom_splits += 1
         half = len(items) // 2
@@ -139,7 +141,7 @@ class Engine:
         return self._run_group(items[:half]) + self._run_group(items[half:])
 
     def _generation_kwargs(self, item: Prepared) -> dict[str, Any]:
-        params = item.generation
+        params = item.sampling
         kwargs: dict[str, Any] = {
             "max_new_tokens": params.max_new_tokens,
             "do_sample": params.do_sample,
@@ -158,10 +160,6 @@ class Engine:
 
         longest = max(int(item.input_ids.shape[0]) for item in items)
         padded_total = longest * len(items)
-        if self.oom_above_tokens is not None and padded_total > self.oom_above_tokens:
-            raise torch.cuda.OutOfMemoryError(
-                f"oom_above_tokens hook: {padded_total} padded tokens > {self.oom_above_tokens}"
-            )
         device = self.model.device
         input_ids = torch.full((len(items), longest), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(items), longest), dtype=torch.long)
@@ -174,11 +172,11 @@ class Engine:
         if pixels:
             inputs["pixel_values"] = torch.cat(pixels).to(device=device, dtype=self.model.dtype)
 
-        params = items[0].generation
+        params = items[0].sampling
         started = time.perf_counter()
         with torch.inference_mode():
             if params.do_sample and params.seed is not None:
-                torch.manual_seed(params.seed)  # one group = one seed, see GenerationParams.group_key
+                torch.manual_seed(params.seed)  # one group = one Sampling, so one seed
             generated = self.model.generate(**inputs, **self._generation_kwargs(items[0]))
         seconds = time.perf_counter() - started
 
@@ -192,15 +190,47 @@ class Engine:
         return [self._output(item, tokens, longest, seconds, len(items)) for item, tokens in zip(items, new_tokens)]
 
     def _output(self, item: Prepared, tokens: list[int], longest: int, seconds: float, batch_size: int) -> Output:
-        stop_at = next((i for i, token in enumerate(tokens) if token in self.eos_ids), None)
-        kept = tokens if stop_at is None else tokens[:stop_at]
+        eos_at = next((i for i, token in enumerate(tokens) if token in self.eos_ids), None)
+        kept = tokens if eos_at is None else tokens[:eos_at]
+        text = self._decode(kept)
+        finish_reason = "length" if eos_at is None else "stop"
+        completion_tokens = len(kept) + (0 if eos_at is None else 1)  # the stop token counts
+        cut = _first_stop(text, item.sampling.stop)
+        if cut is not None:
+            text, finish_reason = text[:cut], "stop"
+            stop = item.sampling.stop
+            # Count up to the token that completed the stop string; keep the ids wholly before it.
+            completion_tokens = _bisect(len(kept), lambda n: _first_stop(self._decode(kept[:n]), stop) is not None)
+            kept = kept[: _bisect(len(kept), lambda n: len(self._decode(kept[:n])) > cut) - 1]
         return Output(
             request_id=item.request_id,
-            text=self.tokenizer.decode(kept, skip_special_tokens=True),
-            finish_reason="length" if stop_at is None else "stop",
+            text=text,
+            finish_reason=finish_reason,
             prompt_tokens=item.prompt_tokens,
-            completion_tokens=len(kept) + (0 if stop_at is None else 1),  # the stop token counts
+            completion_tokens=completion_tokens,
             generate_ms=seconds * 1000.0,
             batch_size=batch_size,
             padding_tokens=longest - int(item.input_ids.shape[0]),
+            token_ids=kept,
         )
+
+    def _decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def _first_stop(text: str, stop: tuple[str, ...]) -> int | None:
+    """Where the earliest of the stop strings starts in `text`, or None."""
+    found = [at for at in (text.find(s) for s in stop if s) if at >= 0]
+    return min(found) if found else None
+
+
+def _bisect(upper: int, reached: Callable[[int], bool]) -> int:
+    """The smallest n in 1..upper with reached(n), for a condition that stays true once true."""
+    low, high = 1, upper
+    while low < high:
+        middle = (low + high) // 2
+        if reached(middle):
+            high = middle
+        else:
+            low = middle + 1
+    return low

@@ -165,13 +165,13 @@ def _prime_processor(processor: Any) -> None:
     import numpy as np
     from PIL import Image
 
-    from api_client.schema import JobRequest
     from model_runtime.media import VideoFrames
-    from model_runtime.prompts import prepare
+    from model_runtime.prompts import prepare, simple_chat
+    from model_runtime.types import Sampling
 
     media = {
         "file://prime.png": Image.new("RGB", (64, 32), (127, 127, 127)),
         "file://prime.mp4": VideoFrames(np.zeros((2, 32, 32, 3), np.uint8), 1.0, 2.0, 2, [0.5, 1.5]),
     }
-    request = JobRequest.simple("hi", images=["file://prime.png"], videos=["file://prime.mp4"])
-    prepare(processor, request, media, request_id="prime", max_tiles=2, context_length=None)
+    chat = simple_chat("hi", images=["file://prime.png"], videos=["file://prime.mp4"])
+    prepare(processor, chat, media, Sampling(), request_id="prime", max_tiles=2, context_length=None)

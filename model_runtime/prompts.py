@@ -16,11 +16,19 @@ the placeholder count disagree with its media and fail its whole batch.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
-from api_client.schema import ErrorCode, ImageItem, JobRequest, TextItem, VideoItem
 from model_runtime.media import VideoFrames
-from model_runtime.types import Prepared, RequestError
+from model_runtime.types import Prepared, RequestError, Sampling
+
+
+def simple_chat(text: str, images: Sequence[str] = (), videos: Sequence[str] = ()) -> list[dict]:
+    """One user message: the images, then the videos, then the text."""
+    content: list[dict] = [{"type": "image", "url": url} for url in images]
+    content += [{"type": "video", "url": url} for url in videos]
+    content.append({"type": "text", "text": text})
+    return [{"role": "user", "content": content}]
 
 
 def control_tokens(processor: Any) -> set[str]:
@@ -41,32 +49,49 @@ def control_tokens(processor: Any) -> set[str]:
     return tokens
 
 
-def _messages(request: JobRequest, media: dict[str, Any], reserved: set[str]):
-    messages, images, videos = [], [], []
-    for message in request.messages:
+def _content(message: dict) -> list[dict]:
+    content = message.get("content")
+    if isinstance(content, str):  # the chat template's shorthand for one text item
+        return [{"type": "text", "text": content}]
+    if not isinstance(content, list):
+        raise RequestError("invalid_request", "message content must be a list of items")
+    return content
+
+
+def _messages(messages: list[dict], media: dict[str, Any], reserved: set[str]):
+    rendered, images, videos = [], [], []
+    for message in messages:
+        role = message.get("role")
+        if role not in ("system", "user", "assistant"):
+            raise RequestError("invalid_request", f"unknown message role {role!r}")
         content: list[dict] = []
-        for item in message.content:
-            if isinstance(item, TextItem):
-                hit = next((tok for tok in reserved if tok in item.text), None)
+        for item in _content(message):
+            kind = item.get("type")
+            if kind == "text":
+                text = item.get("text", "")
+                hit = next((tok for tok in reserved if tok in text), None)
                 if hit is not None:
-                    raise RequestError(ErrorCode.invalid_request, f"text must not contain the control token {hit!r}")
-                content.append({"type": "text", "text": item.text})
+                    raise RequestError("invalid_request", f"text must not contain the control token {hit!r}")
+                content.append({"type": "text", "text": text})
                 continue
-            if item.url not in media:
-                raise RequestError(ErrorCode.invalid_request, f"no decoded media for {item.url}")
-            decoded = media[item.url]
-            if isinstance(item, ImageItem):
+            if kind not in ("image", "video"):
+                raise RequestError("invalid_request", f"unknown content item type {kind!r}")
+            url = item.get("url")
+            if url not in media:
+                raise RequestError("invalid_request", f"no decoded media for {url}")
+            decoded = media[url]
+            if kind == "image":
                 if isinstance(decoded, VideoFrames):
-                    raise RequestError(ErrorCode.invalid_request, f"{item.url} is a video, used as an image")
+                    raise RequestError("invalid_request", f"{url} is a video, used as an image")
                 images.append(decoded)
-            elif isinstance(item, VideoItem):
+            else:
                 if not isinstance(decoded, VideoFrames):
-                    raise RequestError(ErrorCode.invalid_request, f"{item.url} is an image, used as a video")
+                    raise RequestError("invalid_request", f"{url} is an image, used as a video")
                 videos.append(decoded.frames)
             # The template writes only a placeholder; pixels go to the processor separately, in order.
-            content.append({"type": item.type})
-        messages.append({"role": message.role, "content": content})
-    return messages, images, videos
+            content.append({"type": kind})
+        rendered.append({"role": role, "content": content})
+    return rendered, images, videos
 
 
 def default_context_length(processor: Any) -> int | None:
@@ -76,8 +101,9 @@ def default_context_length(processor: Any) -> int | None:
 
 def prepare(
     processor: Any,
-    request: JobRequest,
+    messages: list[dict],
     media: dict[str, Any],
+    sampling: Sampling,
     *,
     request_id: str,
     max_tiles: int = 12,
@@ -85,13 +111,15 @@ def prepare(
 ) -> Prepared:
     """Render the chat, run the processor on this one request, and count what it costs.
 
-    `media` maps each url in the request to a PIL image or `VideoFrames`.
-    `context_length` is the model's (text_config.max_position_embeddings);
+    `messages` is the HF chat format: `[{"role": ..., "content": [{"type": "text",
+    "text": ...}, {"type": "image", "url": ...}, {"type": "video", "url": ...}]}]`
+    (other keys of an item, such as `num_frames`, are ignored). `media` maps
+    each url to a PIL image or `VideoFrames`. `context_length` is the model's (text_config.max_position_embeddings);
     without it the tokenizer's model_max_length is used.
     """
     started = time.perf_counter()
-    messages, images, videos = _messages(request, media, control_tokens(processor))
-    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    rendered, images, videos = _messages(messages, media, control_tokens(processor))
+    text = processor.apply_chat_template(rendered, tokenize=False, add_generation_prompt=True)
     try:
         inputs = processor(
             text=text,
@@ -101,18 +129,18 @@ def prepare(
             max_patches=max_tiles,
         )
     except ValueError as exc:  # e.g. a frame size the processors cannot resize
-        raise RequestError(ErrorCode.invalid_media, f"the processor rejected the media: {exc}") from None
+        raise RequestError("invalid_media", f"the processor rejected the media: {exc}") from None
 
     input_ids = inputs["input_ids"][0]
     pixel_values = inputs.get("pixel_values")
     video_frames = sum(int(v.shape[0]) for v in videos)
     rows = 0 if pixel_values is None else int(pixel_values.shape[0])
     prompt_tokens = int(input_ids.shape[0])
-    max_new = request.generation.max_new_tokens
+    max_new = sampling.max_new_tokens
     limit = context_length or default_context_length(processor)
     if limit is not None and prompt_tokens + max_new > limit:
         raise RequestError(
-            ErrorCode.prompt_too_long,
+            "prompt_too_long",
             f"prompt is {prompt_tokens} tokens (images and video frames included) + max_new_tokens "
             f"{max_new} > context length {limit}; use fewer or smaller media, or fewer frames",
         )
@@ -120,7 +148,7 @@ def prepare(
         request_id=request_id,
         input_ids=input_ids,
         pixel_values=pixel_values,
-        generation=request.generation,
+        sampling=sampling,
         prompt_tokens=prompt_tokens,
         image_tiles=rows - video_frames,
         video_frames=video_frames,

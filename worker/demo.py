@@ -30,7 +30,7 @@ GIBBERISH_NOTE = (
 
 
 def _write_media(media: Path) -> dict[str, str]:
-    from model_runtime.media import make_sample_image, make_sample_video
+    from model_runtime.samples import make_sample_image, make_sample_video
 
     media.mkdir(parents=True, exist_ok=True)
     files = {

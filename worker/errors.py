@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import redis
 from pydantic import ValidationError
 
-from api_client.schema import ErrorCode, JobError
+from api_client.schema import ErrorCode
+from model_runtime.types import GenerationFailed, RequestCancelled, RequestError
 from worker.batcher import BatcherClosed
 
 
@@ -35,7 +36,7 @@ class Classified:
 
 
 class JobFailed(Exception):
-    """A job-level failure with a known code (e.g. a JobError the engine returned)."""
+    """A job-level failure with a known code, raised by the worker's own steps (media fetch, ...)."""
 
     def __init__(self, code: ErrorCode | str, message: str, *, retryable: bool = False):
         super().__init__(message)
@@ -43,17 +44,13 @@ class JobFailed(Exception):
         self.message = message
         self.retryable = retryable
 
-    @classmethod
-    def from_job_error(cls, err: JobError) -> "JobFailed":
-        return cls(err.code, err.message, retryable=err.retryable)
-
 
 class Draining(Exception):
     """The worker is shutting down before this job reached the model."""
 
 
-# Storage and runtime errors are matched by class name so this module stays
-# importable without boto3/torch, and so each module keeps its own exceptions.
+# Storage errors are matched by class name so this module stays importable
+# without boto3, and so each module keeps its own exceptions.
 _TERMINAL_BY_NAME = {
     "MediaNotFound": ErrorCode.media_not_found,
     "MediaTooLarge": ErrorCode.media_too_large,
@@ -69,9 +66,12 @@ def classify(exc: BaseException) -> Classified:
         return Classified(Action.RETRY if exc.retryable else Action.FAIL, exc.code, exc.message)
     if isinstance(exc, (BatcherClosed, Draining)):
         return Classified(Action.REQUEUE, ErrorCode.internal_error, "worker shutting down")
-    code = getattr(exc, "code", None)
-    if type(exc).__name__ == "RequestError" and code is not None:  # model_runtime.types.RequestError
-        return Classified(Action.FAIL, ErrorCode(code), msg)
+    if isinstance(exc, RequestError):  # the request's own fault (media, prompt, size); codes are wire codes
+        return Classified(Action.FAIL, ErrorCode(exc.code), exc.message)
+    if isinstance(exc, GenerationFailed):  # the model raised on this request's batch: a worker fault
+        return Classified(Action.FAIL, ErrorCode.internal_error, msg)
+    if isinstance(exc, RequestCancelled):  # the record already says cancelled; this only ends the task
+        return Classified(Action.FAIL, ErrorCode.cancelled, msg)
     name = type(exc).__name__
     for cls in type(exc).__mro__:  # subclasses (e.g. InvalidMediaUrl < ForbiddenMedia) inherit a code
         if cls.__name__ in _TERMINAL_BY_NAME:

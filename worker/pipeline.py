@@ -20,6 +20,7 @@ import structlog
 from api_client.schema import ErrorCode, ImageItem, JobRequest, JobResult, Timings, Usage, VideoItem
 from worker.errors import Action, Draining, JobFailed, classify, retry_delay
 from worker.jobs import Claim, JobStore
+from worker.translate import chat_of, sampling_of
 
 log = structlog.get_logger(__name__)
 
@@ -30,7 +31,7 @@ PREVIEW_CHARS = 200
 class BatchOutcome:
     """What the model thread hands back to one task thread."""
 
-    output: Any  # model_runtime.types.Output | JobError
+    output: Any  # model_runtime.types.Output
     batch_id: str
     batch_size: int
     batch_wait_s: float
@@ -96,7 +97,7 @@ def _run(ctx: JobContext, claim: Claim) -> str:
         request = JobRequest.model_validate_json(claim.request_json)
         media = {item.url: _decode(ctx, item) for item in request.media_items()}
         prepared = prepare(
-            ctx.processor, request, media, request_id=claim.job_id,
+            ctx.processor, chat_of(request), media, sampling_of(request.generation), request_id=claim.job_id,
             max_tiles=ctx.settings.max_tiles, context_length=ctx.context_length,
         )
     except BaseException:
@@ -104,11 +105,12 @@ def _run(ctx: JobContext, claim: Claim) -> str:
         raise
     preprocess_s = time.time() - started
     ctx.metrics.observe_job(preprocess_s=preprocess_s)
+    # A failure of this request alone (model_runtime.types) is raised here and classified like any other.
     done: BatchOutcome = ctx.batcher.submit(prepared, announced=True).result(timeout=ctx.settings.job_timeout_s)
     ctx.metrics.observe_job(batch_wait_s=done.batch_wait_s)
     out = done.output
-    if not hasattr(out, "text"):  # a JobError for this request alone
-        raise JobFailed.from_job_error(out)
+    if isinstance(out, BaseException):  # the model thread wrapped it instead of raising it through the future
+        raise out
     result = JobResult(
         job_id=claim.job_id, output_text=out.text, finish_reason=out.finish_reason,
         usage=Usage(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,

@@ -116,7 +116,7 @@ class WorkerRuntime:
                                            if hasattr(s, f.name)})
         self.batcher = MicroBatcher(
             self._run_batch, max_batch_size=s.max_batch_size, max_wait_ms=s.max_wait_ms,
-            max_batch_cost=s.max_batch_cost, cost=lambda p: p.cost, group_key=lambda p: p.generation.group_key(),
+            max_batch_cost=s.max_batch_cost, cost=lambda p: p.cost, group_key=lambda p: p.sampling,
             on_loop=self.health.batch_heartbeat, name="model-thread",
             similar_cost=True,  # like-sized prompts batch together: less padding (benchmarks/BENCHMARKS.md)
         ).start()

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from api_client import keys
-from model_runtime.media import make_sample_image
+from model_runtime.samples import make_sample_image
 from worker.embedded import free_port
 
 CLI = [sys.executable, "-m", "worker.cli"]

@@ -15,7 +15,7 @@ import uuid
 import zlib
 from pathlib import Path
 
-from model_runtime.media import make_sample_image, make_sample_video
+from model_runtime.samples import make_sample_image, make_sample_video
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:

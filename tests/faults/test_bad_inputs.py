@@ -22,7 +22,7 @@ from api_client import JobClient, JobRequest, RequestRejected, keys
 from api_client.records import Records
 from api_client.schema import MAX_MEDIA_ITEMS, MAX_REQUEST_BYTES, MAX_TEXT_CHARS
 from api_client.webhooks import generate_secret
-from model_runtime.media import make_sample_image, make_sample_video
+from model_runtime.samples import make_sample_image, make_sample_video
 from tests.faults import corpus as C
 from tests.faults.common import record, wait_all
 from tests.harness import running_worker

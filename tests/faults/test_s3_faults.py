@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from api_client import JobRequest
 from api_client.schema import ErrorCode
-from model_runtime.media import make_sample_image
+from model_runtime.samples import make_sample_image
 from tests.faults.common import record, wait_all
 from tests.faults.netfaults import S3FaultProxy
 

@@ -14,7 +14,7 @@ import pytest
 
 from api_client import JobClient, JobRequest, RequestRejected
 from api_client.schema import ErrorCode
-from model_runtime.media import make_sample_image, make_sample_video
+from model_runtime.samples import make_sample_image, make_sample_video
 from tests.harness import running_worker
 from worker.settings import Settings
 

@@ -59,11 +59,17 @@ def test_text_shorthand_and_simple_builder_agree():
     assert a == b
 
 
-def test_generation_params_group_key_separates_decoding_modes():
-    from api_client.schema import GenerationParams
+def test_generation_params_stop_strings_are_bounded():
+    from api_client.schema import MAX_STOP_CHARS, MAX_STOP_STRINGS, GenerationParams
 
-    assert GenerationParams().group_key() == GenerationParams(max_new_tokens=64).group_key()
-    assert GenerationParams().group_key() != GenerationParams(do_sample=True).group_key()
+    assert GenerationParams().stop == []
+    assert GenerationParams(stop=["\n\n", "x" * MAX_STOP_CHARS]).stop == ["\n\n", "x" * MAX_STOP_CHARS]
+    assert len(GenerationParams(stop=["a"] * MAX_STOP_STRINGS).stop) == MAX_STOP_STRINGS
+    for bad in (["a"] * (MAX_STOP_STRINGS + 1), [""], ["x" * (MAX_STOP_CHARS + 1)], "END", [3]):
+        with pytest.raises(ValidationError):
+            GenerationParams(stop=bad)
+    request = JobRequest.simple("hi", generation={"stop": ["END"]})
+    assert JobRequest.model_validate_json(request.model_dump_json()).generation.stop == ["END"]
 
 
 def test_broker_down_raises_quickly_instead_of_hanging():

@@ -13,23 +13,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from api_client.schema import ErrorCode
-from model_runtime.media import (
-    KEYFRAME_SNAP,
-    MediaLimits,
-    decode_image,
-    decode_video,
-    decode_video_all_frames,
-    frame_marker,
-    make_sample_image,
-    make_sample_video,
-)
+from model_runtime.media import KEYFRAME_SNAP, MediaLimits, decode_image, decode_video, decode_video_all_frames
+from model_runtime.samples import frame_marker, make_sample_image, make_sample_video
 from model_runtime.types import RequestError
 
 LIMITS = MediaLimits()
 
 
-def _code(call) -> ErrorCode:
+def _code(call) -> str:
     with pytest.raises(RequestError) as info:
         call()
     return info.value.code
@@ -66,14 +57,14 @@ def test_each_supported_format_decodes_to_rgb(fmt):
 
 def test_byte_limit_is_checked_before_decoding():
     data = make_sample_image(64, 64)
-    assert _code(lambda: decode_image(data, MediaLimits(max_image_bytes=len(data) - 1))) is ErrorCode.media_too_large
+    assert _code(lambda: decode_image(data, MediaLimits(max_image_bytes=len(data) - 1))) == "media_too_large"
     assert decode_image(data, MediaLimits(max_image_bytes=len(data))).size == (64, 64)
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "GIF"])
 def test_pixel_limit(fmt):
     data = make_sample_image(300, 200, format=fmt)
-    assert _code(lambda: decode_image(data, MediaLimits(max_image_pixels=300 * 200 - 1))) is ErrorCode.media_too_large
+    assert _code(lambda: decode_image(data, MediaLimits(max_image_pixels=300 * 200 - 1))) == "media_too_large"
     assert decode_image(data, MediaLimits(max_image_pixels=300 * 200)).size == (300, 200)
 
 
@@ -83,19 +74,19 @@ def test_decompression_bomb_is_our_error_not_a_warning(side):
     assert len(bomb) < 200_000  # tiny on disk, `side`² pixels decoded
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert _code(lambda: decode_image(bomb, LIMITS)) is ErrorCode.media_too_large
+        assert _code(lambda: decode_image(bomb, LIMITS)) == "media_too_large"
     assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
 
 
 def test_bomb_is_refused_even_when_our_pixel_limit_is_lifted():
     # Pillow's own hard limit is the backstop; it must still surface as our error.
     limits = MediaLimits(max_image_pixels=10**12)
-    assert _code(lambda: decode_image(_png_bomb(20_000), limits)) is ErrorCode.media_too_large
+    assert _code(lambda: decode_image(_png_bomb(20_000), limits)) == "media_too_large"
 
 
 def test_truncated_jpeg_is_invalid_media():
     data = make_sample_image(256, 256, seed=3)
-    assert _code(lambda: decode_image(data[: len(data) // 2], LIMITS)) is ErrorCode.invalid_media
+    assert _code(lambda: decode_image(data[: len(data) // 2], LIMITS)) == "invalid_media"
 
 
 @pytest.mark.parametrize(
@@ -104,12 +95,12 @@ def test_truncated_jpeg_is_invalid_media():
     ids=["empty", "text", "pdf", "png-garbage"],
 )
 def test_non_image_bytes_are_invalid_media(data):
-    assert _code(lambda: decode_image(data, LIMITS)) is ErrorCode.invalid_media
+    assert _code(lambda: decode_image(data, LIMITS)) == "invalid_media"
 
 
 def test_formats_outside_the_allow_list_are_refused():
     data = _encode(Image.new("RGB", (8, 8), (1, 2, 3)), "BMP")
-    assert _code(lambda: decode_image(data, LIMITS)) is ErrorCode.invalid_media
+    assert _code(lambda: decode_image(data, LIMITS)) == "invalid_media"
 
 
 def test_exif_orientation_is_applied():
@@ -149,7 +140,7 @@ def test_grayscale_and_palette_become_rgb():
 
 
 def test_importing_media_does_not_import_torch_or_transformers():
-    code = "import model_runtime.media, model_runtime.types, model_runtime, sys; " \
+    code = "import model_runtime.media, model_runtime.samples, model_runtime.types, model_runtime, sys; " \
            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
@@ -208,10 +199,10 @@ def test_default_frame_count_and_never_more_frames_than_the_source():
 
 
 def test_video_limits(clip):
-    assert _code(lambda: decode_video(clip, MediaLimits(max_video_bytes=len(clip) - 1))) is ErrorCode.media_too_large
-    assert _code(lambda: decode_video(clip, MediaLimits(max_video_seconds=3.5))) is ErrorCode.media_too_large
-    assert _code(lambda: decode_video(clip, MediaLimits(max_video_pixels=96 * 64 - 1))) is ErrorCode.media_too_large
-    assert _code(lambda: decode_video(clip, MediaLimits(max_video_frames=4), num_frames=5)) is ErrorCode.media_too_large
+    assert _code(lambda: decode_video(clip, MediaLimits(max_video_bytes=len(clip) - 1))) == "media_too_large"
+    assert _code(lambda: decode_video(clip, MediaLimits(max_video_seconds=3.5))) == "media_too_large"
+    assert _code(lambda: decode_video(clip, MediaLimits(max_video_pixels=96 * 64 - 1))) == "media_too_large"
+    assert _code(lambda: decode_video(clip, MediaLimits(max_video_frames=4), num_frames=5)) == "media_too_large"
     assert decode_video(clip, MediaLimits(max_video_seconds=4.0, max_video_pixels=96 * 64), 4).frames.shape[0] == 4
 
 
@@ -232,14 +223,14 @@ def test_large_frames_are_scaled_down_while_decoding():
     ids=["empty", "text", "jpeg", "hls-playlist"],
 )
 def test_non_video_bytes_are_invalid_media(data):
-    assert _code(lambda: decode_video(data, LIMITS)) is ErrorCode.invalid_media
+    assert _code(lambda: decode_video(data, LIMITS)) == "invalid_media"
 
 
 def test_truncated_and_corrupted_mp4_are_invalid_media(clip):
-    assert _code(lambda: decode_video(clip[: len(clip) // 3], LIMITS)) is ErrorCode.invalid_media
+    assert _code(lambda: decode_video(clip[: len(clip) // 3], LIMITS)) == "invalid_media"
     scrambled = bytearray(clip)
     scrambled[len(clip) // 4 :] = bytes(len(clip) - len(clip) // 4)
-    assert _code(lambda: decode_video(bytes(scrambled), LIMITS)) is ErrorCode.invalid_media
+    assert _code(lambda: decode_video(bytes(scrambled), LIMITS)) == "invalid_media"
 
 
 def test_mp4_without_frames_is_invalid_media():
@@ -249,4 +240,4 @@ def test_mp4_without_frames_is_invalid_media():
     with av.open(out, mode="w", format="mp4") as container:
         stream = container.add_stream("mpeg4", rate=10)
         stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
-    assert _code(lambda: decode_video(out.getvalue(), LIMITS)) is ErrorCode.invalid_media
+    assert _code(lambda: decode_video(out.getvalue(), LIMITS)) == "invalid_media"
