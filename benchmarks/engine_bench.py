@@ -88,7 +88,7 @@ def run_batched(engine: Any, items: list, *, cap: int, max_wait_ms: float, cost_
     engine.max_batch_size = max(engine_cap, cap)  # the engine splits anything above its own cap
     batcher = MicroBatcher(
         lambda batch, _info: engine.generate_batch(batch), max_batch_size=cap, max_wait_ms=max_wait_ms,
-        max_batch_cost=max_batch_cost, cost=lambda p: p.cost, group_key=lambda p: p.generation.group_key(),
+        max_batch_cost=max_batch_cost, cost=lambda p: p.cost, group_key=lambda p: p.sampling,
         similar_cost=cost_aware, name="bench-model-thread",
     ).start()
     try:

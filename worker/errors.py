@@ -18,7 +18,7 @@ import redis
 from pydantic import ValidationError
 
 from api_client.schema import ErrorCode
-from model_runtime.types import GenerationFailed, RequestCancelled, RequestError
+from model_runtime.types import DeadlineExceeded, GenerationFailed, RequestCancelled, RequestError
 from worker.batcher import BatcherClosed
 
 
@@ -72,6 +72,8 @@ def classify(exc: BaseException) -> Classified:
         return Classified(Action.FAIL, ErrorCode.internal_error, msg)
     if isinstance(exc, RequestCancelled):  # the record already says cancelled; this only ends the task
         return Classified(Action.FAIL, ErrorCode.cancelled, msg)
+    if isinstance(exc, DeadlineExceeded):  # the engine ended it at IVQ_JOB_TIMEOUT_S
+        return Classified(Action.RETRY, ErrorCode.timeout, msg)
     name = type(exc).__name__
     for cls in type(exc).__mro__:  # subclasses (e.g. InvalidMediaUrl < ForbiddenMedia) inherit a code
         if cls.__name__ in _TERMINAL_BY_NAME:

@@ -189,6 +189,19 @@ class JobStore:
         )
         return bool(reply)
 
+    def lost(self, claims: list[Claim]) -> list[str]:
+        """The job ids among `claims` that this worker no longer holds (cancelled, taken over, gone).
+
+        One pipelined round trip of reads, so a worker can ask often."""
+        if not claims:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for claim in claims:
+            pipe.hmget(keys.job(claim.job_id), "state", "claim")
+        replies = pipe.execute()
+        return [claim.job_id for claim, (state, token) in zip(claims, replies)
+                if state != b"running" or token is None or token.decode() != claim.token]
+
     def succeed(self, claim: Claim, fields: dict[str, str]) -> bool:
         return self._end(claim, "succeeded", fields, "", "")
 

@@ -1,6 +1,6 @@
 """The path of one job through a worker, on its task thread.
 
-claim -> fetch media -> decode -> prepare prompt -> MicroBatcher -> wait
+claim -> fetch media -> decode -> prepare prompt -> the model thread's queue -> wait
 -> write result JSON to the store -> final transition (claim holder only)
 -> announce the event. Errors rise to one place, `_handle_error`, which asks
 worker/errors.py what to do.
@@ -20,21 +20,13 @@ import structlog
 from api_client.schema import ErrorCode, ImageItem, JobRequest, JobResult, Timings, Usage, VideoItem
 from worker.errors import Action, Draining, JobFailed, classify, retry_delay
 from worker.jobs import Claim, JobStore
+from worker.model_thread import BatchOutcome
 from worker.translate import chat_of, sampling_of
 
 log = structlog.get_logger(__name__)
 
 PREVIEW_CHARS = 200
-
-
-@dataclass
-class BatchOutcome:
-    """What the model thread hands back to one task thread."""
-
-    output: Any  # model_runtime.types.Output
-    batch_id: str
-    batch_size: int
-    batch_wait_s: float
+STUCK_GRACE_S = 30.0
 
 
 @dataclass
@@ -44,7 +36,7 @@ class JobContext:
     settings: Any
     jobs: JobStore
     store: Any  # worker.storage.ObjectStore
-    batcher: Any  # worker.batcher.MicroBatcher
+    batcher: Any  # the model thread's queue: worker.steploop.StepLoop or worker.batcher.MicroBatcher
     processor: Any
     model_id: str
     context_length: int | None
@@ -52,7 +44,7 @@ class JobContext:
     metrics: Any
     enqueue: Callable[..., None]  # (job_id, priority, countdown=0)
     notify: Callable[[Claim | str, str], None]  # (claim or job_id, event)
-    hold: Callable[[Claim], None]  # lease renewal starts
+    hold: Callable[[Claim], Callable[[], bool]]  # lease renewal starts; returns "was it cancelled?"
     release: Callable[[Claim], None]  # lease renewal stops
     is_draining: Callable[[], bool]
     fetch_https: Callable[[str, int], bytes] | None = None
@@ -75,10 +67,10 @@ def process_job(ctx: JobContext, job_id: str) -> str:
     try:
         if ctx.is_draining():
             raise Draining()
-        ctx.hold(claim)
+        cancelled = ctx.hold(claim)
         ctx.notify(claim, "running")
         with ctx.metrics.track_in_flight():
-            return _run(ctx, claim)
+            return _run(ctx, claim, cancelled)
     except Exception as exc:  # noqa: BLE001 - the one place errors are decided
         return _handle_error(ctx, claim, exc)
     finally:
@@ -86,10 +78,11 @@ def process_job(ctx: JobContext, job_id: str) -> str:
         structlog.contextvars.unbind_contextvars("job_id", "attempt")
 
 
-def _run(ctx: JobContext, claim: Claim) -> str:
+def _run(ctx: JobContext, claim: Claim, cancelled: Callable[[], bool]) -> str:
     from model_runtime.prompts import prepare  # the model stack loads only in workers
 
     started = time.time()
+    deadline = time.monotonic() + ctx.settings.job_timeout_s
     queued_s = max(0.0, started - claim.queued_at)
     ctx.metrics.observe_job(queue_wait_s=queued_s)
     ctx.batcher.announce()
@@ -105,12 +98,14 @@ def _run(ctx: JobContext, claim: Claim) -> str:
         raise
     preprocess_s = time.time() - started
     ctx.metrics.observe_job(preprocess_s=preprocess_s)
+    # The engine checks both at every step: a cancelled job stops using the GPU, a late one ends at its deadline.
+    prepared.cancelled, prepared.deadline = cancelled, deadline
+    future = ctx.batcher.submit(prepared, announced=True)
     # A failure of this request alone (model_runtime.types) is raised here and classified like any other.
-    done: BatchOutcome = ctx.batcher.submit(prepared, announced=True).result(timeout=ctx.settings.job_timeout_s)
+    # The wait's own timeout only guards against a model thread that stopped stepping.
+    done: BatchOutcome = future.result(timeout=max(0.0, deadline - time.monotonic()) + STUCK_GRACE_S)
     ctx.metrics.observe_job(batch_wait_s=done.batch_wait_s)
     out = done.output
-    if isinstance(out, BaseException):  # the model thread wrapped it instead of raising it through the future
-        raise out
     result = JobResult(
         job_id=claim.job_id, output_text=out.text, finish_reason=out.finish_reason,
         usage=Usage(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
@@ -184,6 +179,9 @@ def _handle_error(ctx: JobContext, claim: Claim, exc: BaseException) -> str:
             ctx.enqueue(claim.job_id, claim.priority, countdown=delay)
         log.warning("job.retry", code=c.code.value, error=c.message, delay_s=round(delay, 2))
         return "retry"
+    if c.code is ErrorCode.cancelled:  # the claim is gone (cancelled or taken over): nothing left to write
+        log.info("job.stopped", reason=c.message)
+        return "cancelled"
     message = c.message if c.action is Action.FAIL else f"gave up after {claim.attempt} attempts: {c.message}"
     if c.code is ErrorCode.internal_error:
         log.exception("job.internal_error", exc_info=exc)

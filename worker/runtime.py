@@ -1,10 +1,10 @@
 """WorkerRuntime: one worker process's long-lived pieces and their lifecycle.
 
 Start (fail fast, like TGI): connect Redis, open the store, load the model,
-warm up at the largest batch, start the one model thread (the MicroBatcher),
-the lease renewer and the sweeper; only then is the worker ready.
-Drain (SIGTERM): stop taking jobs, let the batch in flight finish, hand the
-jobs that never reached the model back to the queue.
+warm up at the largest batch, start the one model thread (worker/model_thread.py),
+the lease renewer, the cancel watcher and the sweeper; only then is the worker ready.
+Drain (SIGTERM): stop taking jobs, let the requests the engine admitted finish
+(within IVQ_DRAIN_TIMEOUT_S), hand the jobs that never reached it back to the queue.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ import structlog
 
 from api_client import keys
 from api_client.schema import CallbackSpec
-from worker.batcher import BatchInfo, MicroBatcher
 from worker.jobs import Claim, JobStore
+from worker.model_thread import ModelThread, start_model_thread
 from worker.observability import Health, Metrics
-from worker.pipeline import BatchOutcome, JobContext, process_job
+from worker.pipeline import JobContext, process_job
 from worker.settings import Settings
 from worker.storage import open_store
 
@@ -66,10 +66,12 @@ class WorkerRuntime:
         self.health = health or Health(broker_ok_fn=self._broker_ok, pending_fn=lambda: self.batcher.pending
                                        if self.batcher else 0)
         self.load_model = load_model
-        self.batcher: MicroBatcher | None = None
+        self.model_thread: ModelThread | None = None
+        self.batcher: Any = None  # the model thread's queue (StepLoop or MicroBatcher)
         self.engine: Any = None
         self.loaded: Any = None
         self._held: dict[str, Claim] = {}
+        self._cancelled: dict[str, threading.Event] = {}  # job id -> set once its claim is lost
         self._held_lock = threading.Lock()
         self._stop = threading.Event()
         self._draining = threading.Event()
@@ -83,7 +85,8 @@ class WorkerRuntime:
         if self.load_model:
             self._load()
         self.metrics.model_loaded(time.perf_counter() - t0)
-        for name, target in (("lease-renewer", self._renew_loop), ("sweeper", self._sweep_loop)):
+        for name, target in (("lease-renewer", self._renew_loop), ("cancel-watcher", self._cancel_loop),
+                             ("sweeper", self._sweep_loop)):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
@@ -95,7 +98,6 @@ class WorkerRuntime:
         return self
 
     def _load(self) -> None:
-        from model_runtime.engine import Engine
         from model_runtime.loading import load_runtime
         from model_runtime.media import MediaLimits
 
@@ -108,41 +110,33 @@ class WorkerRuntime:
             import torch
 
             torch.set_num_threads(cpu_model_threads())
-        self.engine = Engine(self.loaded, max_batch_size=s.max_batch_size)
-        if s.warmup:
-            self.engine.warmup(s.max_batch_size)
         # Every media limit has a setting of the same name (IVQ_MAX_IMAGE_BYTES, ...).
         self.media_limits = MediaLimits(**{f.name: getattr(s, f.name) for f in dataclasses.fields(MediaLimits)
                                            if hasattr(s, f.name)})
-        self.batcher = MicroBatcher(
-            self._run_batch, max_batch_size=s.max_batch_size, max_wait_ms=s.max_wait_ms,
-            max_batch_cost=s.max_batch_cost, cost=lambda p: p.cost, group_key=lambda p: p.sampling,
-            on_loop=self.health.batch_heartbeat, name="model-thread",
-            similar_cost=True,  # like-sized prompts batch together: less padding (benchmarks/BENCHMARKS.md)
-        ).start()
+        self.model_thread = start_model_thread(self.loaded, s, metrics=self.metrics, worker_id=self.worker_id,
+                                               on_loop=self.health.batch_heartbeat)
+        self.engine, self.batcher = self.model_thread.engine, self.model_thread.queue
         self.metrics.set_info(model=self.loaded.model_id, device=self.loaded.device, dtype=str(self.loaded.dtype),
                               attention=self.loaded.attn_implementation, worker_id=self.worker_id)
 
     def begin_drain(self) -> None:
-        """SIGTERM: not ready, take no new jobs, hand back those not yet in a batch."""
+        """SIGTERM: not ready, take no new jobs, hand back those the engine has not admitted."""
         if self._draining.is_set():
             return
         self._draining.set()
         self.health.draining = True
         log.info("worker.draining", drain_timeout_s=self.settings.drain_timeout_s)
-        if self.batcher is not None:
-            threading.Thread(target=self._drain_batcher, name="drain", daemon=True).start()
-
-    def _drain_batcher(self) -> None:
-        # The batch in flight finishes; items still pending fail with BatcherClosed,
-        # which the pipeline classifies as "hand back without counting an attempt".
-        self.batcher.stop(drain=False, timeout=self.settings.drain_timeout_s)
+        if self.model_thread is not None:
+            # Admitted requests finish; the rest fail with BatcherClosed, which the
+            # pipeline classifies as "hand back without counting an attempt".
+            threading.Thread(target=self.model_thread.stop, args=(self.settings.drain_timeout_s,), name="drain",
+                             daemon=True).start()
 
     def stop(self) -> None:
         self.begin_drain()
         self._stop.set()
-        if self.batcher is not None:
-            self.batcher.stop(drain=False, timeout=self.settings.drain_timeout_s)
+        if self.model_thread is not None:
+            self.model_thread.stop(self.settings.drain_timeout_s)
         for t in self._threads:
             t.join(timeout=5)
         self.redis.close()
@@ -165,19 +159,6 @@ class WorkerRuntime:
 
     def process(self, job_id: str) -> str:
         return process_job(self.context(), job_id)
-
-    def _run_batch(self, items: list, info: BatchInfo) -> list:
-        self._batch_seq += 1
-        batch_id = f"{self.worker_id}:{self._batch_seq}"
-        structlog.contextvars.bind_contextvars(batch_id=batch_id)
-        t0 = time.perf_counter()
-        outputs = self.engine.generate_batch(items)
-        generate_s = time.perf_counter() - t0
-        tokens = sum(getattr(o, "completion_tokens", 0) for o in outputs)
-        self.metrics.observe_batch(info.size, info.cost, generate_s, tokens)
-        log.info("batch.done", size=info.size, cost=info.cost, generate_s=round(generate_s, 4), tokens=tokens)
-        structlog.contextvars.unbind_contextvars("batch_id")
-        return [BatchOutcome(o, batch_id, info.size, w) for o, w in zip(outputs, info.waited_s)]
 
     def _fetch_https(self, url: str, max_bytes: int) -> bytes:
         from worker.errors import JobFailed
@@ -222,13 +203,34 @@ class WorkerRuntime:
         self.send_task(keys.NOTIFY_TASK, args=[job_id, event], queue=keys.CALLBACKS_QUEUE)
 
     # ---- leases and the sweeper -------------------------------------------
-    def _hold(self, claim: Claim) -> None:
+    def _hold(self, claim: Claim) -> Callable[[], bool]:
+        """Renew this claim's lease from now on; returns the job's "was it cancelled?" check."""
         with self._held_lock:
             self._held[claim.job_id] = claim
+            flag = self._cancelled.setdefault(claim.job_id, threading.Event())
+        return flag.is_set
 
     def _release(self, claim: Claim) -> None:
         with self._held_lock:
             self._held.pop(claim.job_id, None)
+            self._cancelled.pop(claim.job_id, None)
+
+    def _cancel_loop(self) -> None:
+        """Flag running jobs whose claim is gone (cancelled by the producer, or taken over):
+        the engine drops them at its next step, so they stop using the GPU."""
+        while not self._stop.wait(self.settings.cancel_poll_s):
+            with self._held_lock:
+                claims = list(self._held.values())
+            try:
+                lost = self.jobs.lost(claims)
+            except redis.RedisError as exc:
+                log.warning("cancel_watch.failed", error=str(exc))
+                continue
+            with self._held_lock:
+                for job_id in lost:
+                    if job_id in self._cancelled and not self._cancelled[job_id].is_set():
+                        self._cancelled[job_id].set()
+                        log.info("job.cancel_seen", job_id=job_id)
 
     def _renew_loop(self) -> None:
         interval = max(0.2, self.settings.lease_s / 3)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -37,10 +37,20 @@ class Settings(BaseSettings):
     quantization: str = "none"  # none | 4bit | 8bit (bitsandbytes)
     warmup: bool = True
 
-    # Batching.
-    max_batch_size: int = Field(default=8, ge=1, le=256)
-    max_batch_cost: float | None = None  # None: size limit only
-    max_wait_ms: float = Field(default=20.0, ge=0)
+    # Batching. "continuous": requests join and leave a running batch at every decode
+    # step (model_runtime/engine_continuous.py); "static": one generate per batch, kept
+    # for side-by-side benchmarks. The default cap is the CPU measurement
+    # (benchmarks/BENCHMARKS.md); the gpu overlay sets its own.
+    engine: Literal["continuous", "static"] = "continuous"
+    max_batch_size: int = Field(default=16, ge=1, le=256)
+    # KV budget of the continuous engine, in tokens (rows x longest prompt + max_new_tokens).
+    # None: on CUDA read from free memory after warm-up, on a CPU 131072.
+    max_batch_tokens: int | None = Field(default=None, ge=1)
+    prefill_chunk_tokens: int = Field(default=256, ge=16)  # prompt tokens prefilled per step
+    vision_chunk_tiles: int = Field(default=8, ge=1)  # image tiles / video frames encoded per step
+    cancel_poll_s: float = Field(default=0.5, gt=0)  # how often a worker looks for cancelled running jobs
+    max_batch_cost: float | None = None  # static engine: None means the size limit only
+    max_wait_ms: float = Field(default=20.0, ge=0)  # static engine: how long a batch waits to fill
     concurrency: int | None = None  # task threads; default 2 * max_batch_size
 
     # Media limits (checked in the worker on the real bytes).

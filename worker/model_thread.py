@@ -1,0 +1,106 @@
+"""The worker's one model thread: the engine, the queue in front of it, and what each job gets back.
+
+`IVQ_ENGINE=continuous` (the default): a `ContinuousEngine` driven by a
+`StepLoop`; requests join and leave the running batch at every decode step.
+`IVQ_ENGINE=static`: the one-generate-per-batch `Engine` behind the
+`MicroBatcher`, kept so the benchmark compares the two side by side.
+Both queues have the same task-thread side (announce, withdraw, submit,
+pending, stop), and both futures resolve to a `BatchOutcome` or raise the
+request's own error.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import structlog
+
+from worker.batcher import BatchInfo, MicroBatcher
+from worker.settings import Settings
+from worker.steploop import RunInfo, StepLoop
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class BatchOutcome:
+    """What the model thread hands back to one task thread."""
+
+    output: Any  # model_runtime.types.Output
+    batch_id: str  # static: the generate call; continuous: the engine's busy period
+    batch_size: int  # static: the batch; continuous: the largest running batch it decoded in
+    batch_wait_s: float  # submit → its batch started (static) or it was admitted (continuous)
+
+
+@dataclass
+class ModelThread:
+    engine: Any  # model_runtime.engine_continuous.ContinuousEngine | model_runtime.engine.Engine
+    queue: StepLoop | MicroBatcher
+
+    def stop(self, timeout: float) -> None:
+        self.queue.stop(drain=False, timeout=timeout)
+
+
+def start_model_thread(loaded: Any, settings: Settings, *, metrics: Any, worker_id: str,
+                       on_loop: Callable[[], None]) -> ModelThread:
+    if settings.engine == "static":
+        return _start_static(loaded, settings, metrics=metrics, worker_id=worker_id, on_loop=on_loop)
+    return _start_continuous(loaded, settings, metrics=metrics, worker_id=worker_id, on_loop=on_loop)
+
+
+def _start_continuous(loaded: Any, s: Settings, *, metrics: Any, worker_id: str,
+                      on_loop: Callable[[], None]) -> ModelThread:
+    from model_runtime.capacity import kv_budget_tokens
+    from model_runtime.engine_continuous import ContinuousEngine
+
+    # Warm-up runs under the configured budget, or an unbounded one when it is read from memory afterwards.
+    engine = ContinuousEngine(loaded, max_batch_size=s.max_batch_size, max_batch_tokens=s.max_batch_tokens or 2**40,
+                              prefill_chunk_tokens=s.prefill_chunk_tokens, vision_chunk_tiles=s.vision_chunk_tiles)
+    if s.warmup:
+        engine.warmup(s.max_batch_size)
+    engine.max_batch_tokens = kv_budget_tokens(loaded.model, device=loaded.device, setting=s.max_batch_tokens)
+    log.info("kv_budget", max_batch_tokens=engine.max_batch_tokens, source="setting" if s.max_batch_tokens else
+             ("free memory" if loaded.device.startswith("cuda") else "cpu default"))
+
+    def outcome(prepared: Any, output: Any, info: RunInfo) -> BatchOutcome:
+        batch_id = f"{worker_id}:run{info.run}"
+        metrics.observe_batch(output.batch_size, prepared.cost, output.generate_ms / 1000.0, output.completion_tokens)
+        log.info("generate.done", job_id=prepared.request_id, batch_id=batch_id, batch_size=output.batch_size,
+                 completion_tokens=output.completion_tokens, finish_reason=output.finish_reason,
+                 wait_ms=round(output.wait_ms, 1), generate_ms=round(output.generate_ms, 1))
+        return BatchOutcome(output, batch_id, output.batch_size, output.wait_ms / 1000.0)
+
+    return ModelThread(engine, StepLoop(engine, on_loop=on_loop, wrap=outcome, name="model-thread").start())
+
+
+def _start_static(loaded: Any, s: Settings, *, metrics: Any, worker_id: str,
+                  on_loop: Callable[[], None]) -> ModelThread:
+    from model_runtime.engine import Engine
+
+    engine = Engine(loaded, max_batch_size=s.max_batch_size)
+    if s.warmup:
+        engine.warmup(s.max_batch_size)
+    sequence = iter(range(1, 2**62))
+
+    def run_batch(items: list, info: BatchInfo) -> list:
+        batch_id = f"{worker_id}:{next(sequence)}"
+        structlog.contextvars.bind_contextvars(batch_id=batch_id)
+        started = time.perf_counter()
+        outputs = engine.generate_batch(items)
+        generate_s = time.perf_counter() - started
+        tokens = sum(o.completion_tokens for o in outputs if not isinstance(o, BaseException))
+        metrics.observe_batch(info.size, info.cost, generate_s, tokens)
+        log.info("batch.done", size=info.size, cost=info.cost, generate_s=round(generate_s, 4), tokens=tokens)
+        structlog.contextvars.unbind_contextvars("batch_id")
+        # A request's own failure stays an exception: the batcher raises it through that request's future.
+        return [o if isinstance(o, BaseException) else BatchOutcome(o, batch_id, info.size, waited)
+                for o, waited in zip(outputs, info.waited_s)]
+
+    queue = MicroBatcher(
+        run_batch, max_batch_size=s.max_batch_size, max_wait_ms=s.max_wait_ms, max_batch_cost=s.max_batch_cost,
+        cost=lambda p: p.cost, group_key=lambda p: p.sampling, on_loop=on_loop, name="model-thread",
+        similar_cost=True,  # like-sized prompts batch together: less padding (benchmarks/BENCHMARKS.md)
+    ).start()
+    return ModelThread(engine, queue)
