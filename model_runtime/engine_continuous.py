@@ -145,6 +145,22 @@ class ContinuousEngine:
         self.stats.generate_seconds += time.perf_counter() - started
         return finished
 
+    def warmup(self, batch_size: int | None = None, *, max_new_tokens: int = 16) -> float:
+        """Run the largest batch of 12-tile image requests; raise on any failure. Returns seconds."""
+        from model_runtime.capacity import warmup_request
+
+        size = batch_size or self.max_batch_size
+        items = [warmup_request(self.loaded, max_new_tokens=max_new_tokens, request_id=f"warmup-{i}")
+                 for i in range(size)]
+        started = time.perf_counter()
+        failed = [r for r in self.run_until_done(items) if isinstance(r, BaseException)]
+        if failed:
+            raise RuntimeError(f"warm-up at batch {size} failed: {failed[0]!r}") from failed[0]
+        seconds = time.perf_counter() - started
+        log.info("warmup_done", engine="continuous", batch_size=size, prompt_tokens=items[0].prompt_tokens,
+                 seconds=round(seconds, 3))
+        return seconds
+
     def run_until_done(self, items: list[Prepared]) -> list[Output | BaseException]:
         """Add `items`, step until each has ended; results in the same order (tests, warm-up, benchmarks)."""
         for item in items:
