@@ -144,6 +144,7 @@ class Engine:
         params = item.sampling
         kwargs: dict[str, Any] = {
             "max_new_tokens": params.max_new_tokens,
+            "min_new_tokens": params.min_new_tokens or None,
             "do_sample": params.do_sample,
             "repetition_penalty": params.repetition_penalty,
             "pad_token_id": self.pad_id,

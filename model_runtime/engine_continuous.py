@@ -322,7 +322,8 @@ class ContinuousEngine:
 
     def _start_decoding(self, joining: _Joining, logits: torch.Tensor, finished: list[Finished]) -> None:
         row = joining.row
-        token = choose_tokens(logits, [row.prepared.sampling], [row.seen], [row.generator])[0]
+        token = choose_tokens(logits, [row.prepared.sampling], [row.seen], [row.generator], generated=[0],
+                              eos_ids=self.eos_ids)[0]
         if self._advance(row, token, finished):
             return
         single = RunningBatch.from_prefill(row, joining.cache, int(joining.embeds.shape[1]), token)
@@ -379,8 +380,10 @@ class ContinuousEngine:
             return
         self.stats.decode_steps += 1
         self.stats.decode_rows += len(batch)
-        tokens = choose_tokens(logits, [r.prepared.sampling for r in batch.rows], [r.seen for r in batch.rows],
-                               [r.generator for r in batch.rows])
+        rows = batch.rows
+        tokens = choose_tokens(logits, [r.prepared.sampling for r in rows], [r.seen for r in rows],
+                               [r.generator for r in rows], generated=[len(r.generated) for r in rows],
+                               eos_ids=self.eos_ids)
         batch.set_next(tokens)
         keep = [i for i, (row, token) in enumerate(zip(batch.rows, tokens)) if not self._advance(row, token, finished)]
         self._set_running(keep)

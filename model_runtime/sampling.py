@@ -54,9 +54,17 @@ def _top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def choose_tokens(logits: torch.Tensor, samplings: list[Sampling], seen: list[torch.Tensor],
-                  generators: list[torch.Generator | None]) -> list[int]:
-    """One next token per row of `logits` (rows × vocab), each row by its own settings."""
+                  generators: list[torch.Generator | None], *, generated: list[int] | None = None,
+                  eos_ids: set[int] | frozenset[int] = frozenset()) -> list[int]:
+    """One next token per row of `logits` (rows × vocab), each row by its own settings.
+
+    `generated[row]` counts the row's tokens so far: below its min_new_tokens, EOS is masked.
+    """
     logits = logits.float()
+    if generated is not None and eos_ids:
+        early = [row for row, s in enumerate(samplings) if generated[row] < s.min_new_tokens]
+        if early:
+            logits[torch.tensor(early)[:, None], torch.tensor(sorted(eos_ids))[None, :]] = float("-inf")
     chosen = logits.argmax(dim=-1).tolist()
     for row, sampling in enumerate(samplings):
         if not sampling.do_sample and sampling.repetition_penalty == 1.0:

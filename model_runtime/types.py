@@ -73,6 +73,7 @@ class Sampling:
     repetition_penalty: float = 1.0
     seed: int | None = None  # sampled requests: same seed, same text, whatever the neighbours
     stop: tuple[str, ...] = ()  # output ends before the first of these strings
+    min_new_tokens: int = 0  # EOS is not chosen before this many tokens (benchmarks pin lengths with it)
 
 
 @dataclass

@@ -310,3 +310,12 @@ def test_an_exception_mid_decode_fails_the_rows_it_touched_and_the_engine_goes_o
     assert all(isinstance(o, GenerationFailed) for o in first)
     again = eng.run_until_done(items[2:4])
     assert [o.token_ids for o in again] == [solo_tokens(tiny_runtime, p) for p in items[2:4]]
+
+
+def test_min_new_tokens_holds_eos_back_in_both_engines(tiny_runtime, media):
+    items = mixed(tiny_runtime, media, lengths=(40,) * 7)
+    free = engine(tiny_runtime).run_until_done(items)
+    stopped = next(i for i, o in enumerate(free) if o.finish_reason == "stop")  # the random model stops early
+    pinned = dataclasses.replace(items[stopped], sampling=Sampling(max_new_tokens=40, min_new_tokens=40))
+    for out in (engine(tiny_runtime).run_until_done([pinned])[0], tiny_runtime.engine.generate_batch([pinned])[0]):
+        assert out.completion_tokens == 40 and out.finish_reason == "length"
