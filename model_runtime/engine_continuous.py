@@ -27,55 +27,18 @@ from __future__ import annotations
 import time
 import traceback
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 import torch
-from transformers import DynamicCache
 
-from model_runtime.running_batch import Row, RunningBatch
+from model_runtime.running_batch import ContinuousStats, Joining, Row, RunningBatch
 from model_runtime.sampling import choose_tokens, cut_at_stop, new_generator
 from model_runtime.types import GenerationFailed, Output, Prepared, RequestCancelled, DeadlineExceeded, TooLargeForGPU
 
 log = structlog.get_logger(__name__)
 
 Finished = tuple[Prepared, "Output | BaseException"]
-
-
-@dataclass
-class ContinuousStats:
-    steps: int = 0
-    decode_steps: int = 0
-    decode_rows: int = 0  # sum of running-batch sizes over decode steps
-    prefill_chunks: int = 0
-    prefill_tokens: int = 0
-    vision_calls: int = 0
-    vision_tiles: int = 0
-    preempted: int = 0
-    join_ooms: int = 0
-    max_decode_stall_ms: float = 0.0  # longest vision + prefill time in one step while rows were decoding
-    generate_seconds: float = 0.0  # time inside step()
-
-    @property
-    def mean_decode_batch(self) -> float:
-        return self.decode_rows / self.decode_steps if self.decode_steps else 0.0
-
-
-@dataclass
-class _Joining:
-    """Admitted, not decoding yet: vision features, then a chunked prefill into a cache of its own."""
-
-    row: Row
-    features: list[torch.Tensor] = field(default_factory=list)
-    tiles_done: int = 0
-    embeds: torch.Tensor | None = None  # (1, prompt, hidden) once every tile is encoded
-    cache: DynamicCache = field(default_factory=DynamicCache)
-    prefilled: int = 0
-
-    @property
-    def prepared(self) -> Prepared:
-        return self.row.prepared
 
 
 class ContinuousEngine:
@@ -95,7 +58,7 @@ class ContinuousEngine:
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos])
         self.stats = ContinuousStats()
         self._waiting: deque[tuple[Prepared, float]] = deque()  # (request, added_at)
-        self._joining: list[_Joining] = []
+        self._joining: list[Joining] = []
         self._running: RunningBatch | None = None
         self._join_limit = max_batch_size  # halved when joiners run out of memory together
         self._admit_below: int | None = None  # after a join OOM: wait until fewer rows run than this
@@ -227,12 +190,12 @@ class ContinuousEngine:
             row = Row(prepared=prepared, seen=prepared.input_ids.to(self.device),
                       generator=new_generator(prepared.sampling, self.device), added_at=added_at,
                       admitted_at=time.monotonic())
-            self._joining.append(_Joining(row))
+            self._joining.append(Joining(row))
 
     # ------------------------------------------------------------ 3. vision tower
     def _encode_tiles(self, finished: list[Finished]) -> None:
         budget = self.vision_chunk_tiles
-        parts: list[tuple[_Joining, int, int]] = []  # (joiner, first tile, tiles)
+        parts: list[tuple[Joining, int, int]] = []  # (joiner, first tile, tiles)
         for joining in self._joining:
             if joining.embeds is not None or budget <= 0:
                 continue
@@ -250,7 +213,7 @@ class ContinuousEngine:
                 except Exception as exc:  # noqa: BLE001
                     self._joining_failed([joining], exc, finished)
 
-    def _encode_parts(self, parts: list[tuple[_Joining, int, int]], finished: list[Finished]) -> None:
+    def _encode_parts(self, parts: list[tuple[Joining, int, int]], finished: list[Finished]) -> None:
         """One vision call over these tiles; on an error other than OOM, each request again alone,
         so one bad input fails only itself."""
         pixels = torch.cat([j.prepared.pixel_values[s : s + n] for j, s, n in parts])
@@ -280,7 +243,7 @@ class ContinuousEngine:
         )
         return out.pooler_output  # (tiles, tokens per tile, hidden)
 
-    def _embed(self, joining: _Joining) -> torch.Tensor:
+    def _embed(self, joining: Joining) -> torch.Tensor:
         ids = joining.row.seen
         embeds = self.model.get_input_embeddings()(ids)
         if joining.features:
@@ -320,7 +283,7 @@ class ContinuousEngine:
                 self._join_limit = min(self.max_batch_size, self._join_limit + 1)
                 self._start_decoding(joining, out.logits[:, -1, :], finished)
 
-    def _start_decoding(self, joining: _Joining, logits: torch.Tensor, finished: list[Finished]) -> None:
+    def _start_decoding(self, joining: Joining, logits: torch.Tensor, finished: list[Finished]) -> None:
         row = joining.row
         token = choose_tokens(logits, [row.prepared.sampling], [row.seen], [row.generator], generated=[0],
                               eos_ids=self.eos_ids)[0]
@@ -332,7 +295,7 @@ class ContinuousEngine:
         else:
             self._running.concatenate(single)
 
-    def _joining_failed(self, joiners: list[_Joining], exc: Exception, finished: list[Finished]) -> None:
+    def _joining_failed(self, joiners: list[Joining], exc: Exception, finished: list[Finished]) -> None:
         for joining in joiners:
             if joining in self._joining:
                 self._joining.remove(joining)

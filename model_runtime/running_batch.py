@@ -1,4 +1,4 @@
-"""The running batch of the continuous engine: one object holding the KV cache and every row's state.
+"""The continuous engine's state: the running batch (KV cache + every row), the joiners, the counters.
 
 Like TGI's `CausalLMBatch`, continuous batching is a few named operations
 on one type: `from_prefill` (a request whose prompt is prefilled becomes a
@@ -53,6 +53,41 @@ def _left_pad(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
     shape = list(tensor.shape)
     shape[dim] = missing
     return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+@dataclass
+class ContinuousStats:
+    steps: int = 0
+    decode_steps: int = 0
+    decode_rows: int = 0  # sum of running-batch sizes over decode steps
+    prefill_chunks: int = 0
+    prefill_tokens: int = 0
+    vision_calls: int = 0
+    vision_tiles: int = 0
+    preempted: int = 0
+    join_ooms: int = 0
+    max_decode_stall_ms: float = 0.0  # longest vision + prefill time in one step while rows were decoding
+    generate_seconds: float = 0.0  # time inside step()
+
+    @property
+    def mean_decode_batch(self) -> float:
+        return self.decode_rows / self.decode_steps if self.decode_steps else 0.0
+
+
+@dataclass
+class Joining:
+    """Admitted, not decoding yet: vision features, then a chunked prefill into a cache of its own."""
+
+    row: Row
+    features: list[torch.Tensor] = field(default_factory=list)
+    tiles_done: int = 0
+    embeds: torch.Tensor | None = None  # (1, prompt, hidden) once every tile is encoded
+    cache: DynamicCache = field(default_factory=DynamicCache)
+    prefilled: int = 0
+
+    @property
+    def prepared(self) -> Prepared:
+        return self.row.prepared
 
 
 class RunningBatch:
