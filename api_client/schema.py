@@ -113,6 +113,7 @@ class Message(_Strict):
 
 class GenerationParams(_Strict):
     max_new_tokens: int = Field(default=64, ge=1, le=4096)
+    min_new_tokens: int = Field(default=0, ge=0, le=4096, description="no end-of-sequence before this many tokens")
     do_sample: bool = False
     temperature: float = Field(default=1.0, gt=0.0, le=5.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
@@ -130,6 +131,12 @@ class GenerationParams(_Strict):
         if any(not 1 <= len(s) <= MAX_STOP_CHARS for s in v):
             raise ValueError(f"each stop string must be 1..{MAX_STOP_CHARS} characters")
         return v
+
+    @model_validator(mode="after")
+    def _min_within_max(self) -> "GenerationParams":
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError("min_new_tokens must not exceed max_new_tokens")
+        return self
 
 
 CallbackEvent = Literal["running", "succeeded", "failed", "cancelled"]

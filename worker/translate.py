@@ -21,6 +21,7 @@ def sampling_of(params: GenerationParams) -> Sampling:
         repetition_penalty=params.repetition_penalty,
         seed=params.seed,
         stop=tuple(params.stop),
+        min_new_tokens=params.min_new_tokens,
     )
 
 

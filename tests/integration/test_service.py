@@ -1,5 +1,5 @@
 """The whole path with real things: JobClient -> redis-server -> Celery worker
-(threads pool, MicroBatcher, tiny InternVL) -> moto S3 over HTTP -> status.
+(threads pool, continuous engine, tiny InternVL) -> moto S3 over HTTP -> status.
 
 The tiny model's text is random by design; the assertions are about the
 service: states, stored results, batching, error codes, isolation.
@@ -35,6 +35,7 @@ def service(s3_server, redis_url, tmp_path_factory):
         redis_url=redis_url, data_dir=data_dir, store_url=f"s3://{RESULTS}/ivq",
         s3_endpoint_url=s3_server.endpoint_url, model="tiny", model_cache_dir=data_dir.parent / "models-cache",
         max_batch_size=8, max_wait_ms=100, concurrency=16, lease_s=20, allowed_file_root=media_root,
+        cancel_poll_s=0.2,
     )
     with running_worker(settings) as runtime:
         yield {"settings": settings, "s3": s3, "runtime": runtime, "media_root": media_root}
@@ -132,6 +133,30 @@ def test_cancel_a_queued_job_before_it_runs(service, client, redis_url):
     time.sleep(1.0)
     assert client.status("cancel-me").state.value == "cancelled"
     assert client.result("cancel-me") is None
+
+
+def test_a_running_job_cancelled_leaves_the_gpu_within_a_poll_and_a_step(service, client):
+    engine = service["runtime"].engine
+    pinned = {"max_new_tokens": 4000, "min_new_tokens": 4000}  # thousands of decode steps each
+    job_id = client.submit(JobRequest.simple("go on and on", generation=pinned))
+    other = client.submit(JobRequest.simple("and so do I", generation=pinned))
+    end = time.monotonic() + 60
+    while engine.active < 2 and time.monotonic() < end:  # both decoding
+        time.sleep(0.01)
+    steps_at_cancel = engine.stats.decode_steps
+    cancelled_at = time.monotonic()
+    assert client.cancel(job_id).state.value == "cancelled"
+    while engine.active > 1 and time.monotonic() < end:
+        time.sleep(0.005)
+    left_after_s = time.monotonic() - cancelled_at
+    assert engine.active == 1 and left_after_s < 0.2 + 1.5, left_after_s  # the poll interval, a step, slack
+    assert engine.stats.decode_steps - steps_at_cancel < 2000  # it did not decode on towards its 4000 tokens
+    assert client.status(other).state.value == "running"  # its neighbour goes on
+    assert client.status(job_id).state.value == "cancelled" and client.result(job_id) is None
+    client.cancel(other)
+    while engine.active and time.monotonic() < end:
+        time.sleep(0.005)
+    assert engine.active == 0 and client.result(other) is None
 
 
 def test_idempotency_key_returns_the_same_job(service, client):

@@ -92,3 +92,11 @@ def test_runtime_errors_are_mapped_by_class():
         code = "invalid_media"
 
     assert classify(RequestError("x")).code is ErrorCode.internal_error
+
+
+def test_min_new_tokens_reaches_the_runtime_and_may_not_exceed_max():
+    from pydantic import ValidationError
+
+    assert sampling_of(GenerationParams(max_new_tokens=9, min_new_tokens=9)).min_new_tokens == 9
+    with pytest.raises(ValidationError, match="min_new_tokens"):
+        GenerationParams(max_new_tokens=4, min_new_tokens=5)
