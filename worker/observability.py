@@ -164,7 +164,8 @@ class Metrics:
         self.generate = Histogram(
             "ivq_generate_seconds", "One generate_batch call", buckets=_TIME_BUCKETS, registry=r
         )
-        self.batch_size = Histogram("ivq_batch_size", "Jobs per generate call", buckets=_SIZE_BUCKETS, registry=r)
+        self.batch_size = Histogram("ivq_batch_size", "Largest running batch a job decoded in (static: jobs per generate)",
+                                    buckets=_SIZE_BUCKETS, registry=r)
         self.batch_cost = Histogram("ivq_batch_cost", "Cost units per generate call", buckets=_COST_BUCKETS, registry=r)
         self.tokens = Counter("ivq_tokens_generated", "New tokens generated", registry=r)
         self.in_flight = Gauge("ivq_jobs_in_flight", "Jobs held by task threads now", registry=r)
