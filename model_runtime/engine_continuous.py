@@ -99,11 +99,16 @@ class ContinuousEngine:
             work_before = self.stats.vision_calls + self.stats.prefill_chunks
             join_started = time.perf_counter()
             self._encode_tiles(finished)
+            vision_done = time.perf_counter()
             self._prefill(finished)
+            decode_started = time.perf_counter()
             if decoding and self.stats.vision_calls + self.stats.prefill_chunks > work_before:
-                stall_ms = (time.perf_counter() - join_started) * 1000.0  # the running rows waited this long
+                stall_ms = (decode_started - join_started) * 1000.0  # the running rows waited this long
                 self.stats.max_decode_stall_ms = max(self.stats.max_decode_stall_ms, stall_ms)
             self._decode(finished)
+        self.stats.vision_seconds += vision_done - join_started
+        self.stats.prefill_seconds += decode_started - vision_done
+        self.stats.decode_seconds += time.perf_counter() - decode_started
         self.stats.steps += 1
         self.stats.generate_seconds += time.perf_counter() - started
         return finished

@@ -68,6 +68,9 @@ class ContinuousStats:
     join_ooms: int = 0
     max_decode_stall_ms: float = 0.0  # longest vision + prefill time in one step while rows were decoding
     generate_seconds: float = 0.0  # time inside step()
+    vision_seconds: float = 0.0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
 
     @property
     def mean_decode_batch(self) -> float:
