@@ -8,10 +8,12 @@ Only the model thread calls it. Each `step()`:
 3. runs the vision tower once over the next tiles of the joining requests
    (at most `vision_chunk_tiles`; tiles are all one size, so nothing pads)
    and splits the features back per request;
-4. prefills joining requests from `inputs_embeds`, each alone and in chunks of
-   at most `prefill_chunk_tokens` a step, so a 12-tile prompt cannot stall
-   the running rows for its whole length; a finished prefill joins the
-   running batch (`RunningBatch.concatenate`);
+4. prefills joining requests from `inputs_embeds`, at most
+   `prefill_chunk_tokens` prompt tokens a step: whole short prompts packed
+   into one forward with a block-diagonal mask (model_runtime/prefill.py),
+   longer ones in chunks, so a 12-tile prompt cannot stall the running rows
+   for its whole length; a finished prefill joins the running batch
+   (`RunningBatch.concatenate`);
 5. decodes one token for every running row, each with its own sampling, and
    resolves those that ended: EOS, their own max_new_tokens or a stop string.
 
@@ -33,6 +35,7 @@ import structlog
 import torch
 
 from model_runtime.running_batch import ContinuousStats, Joining, Row, RunningBatch
+from model_runtime.prefill import chunk_prefill, packed_prefill
 from model_runtime.sampling import choose_tokens, cut_at_stop, new_generator
 from model_runtime.types import GenerationFailed, Output, Prepared, RequestCancelled, DeadlineExceeded, TooLargeForGPU
 
@@ -52,6 +55,7 @@ class ContinuousEngine:
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.vision_chunk_tiles = vision_chunk_tiles
         self.device = self.model.device
+        self.attn_implementation = loaded.attn_implementation
         self.image_token_id = int(self.model.config.image_token_id)
         eos = self.model.generation_config.eos_token_id
         eos = self.tokenizer.eos_token_id if eos is None else eos
@@ -262,31 +266,65 @@ class ContinuousEngine:
 
     # ------------------------------------------------------------ 4. prefill
     def _prefill(self, finished: list[Finished]) -> None:
+        """Spend this step's prompt-token budget: whole short prompts packed together, the rest in chunks."""
         budget = self.prefill_chunk_tokens
-        for joining in list(self._joining):
+        pack: list[Joining] = []
+        chunks: list[tuple[Joining, int]] = []  # (joiner, prefill up to)
+        for joining in self._joining:
             if joining.embeds is None or budget <= 0:
                 continue
-            start = joining.prefilled
-            end = min(joining.embeds.shape[1], start + budget)
-            try:
-                out = self.model(
-                    inputs_embeds=joining.embeds[:, start:end],
-                    attention_mask=torch.ones((1, end), dtype=torch.long, device=self.device),
-                    position_ids=torch.arange(start, end, device=self.device)[None],
-                    past_key_values=joining.cache, use_cache=True, logits_to_keep=1,
-                )
-            except Exception as exc:  # noqa: BLE001
-                self._joining_failed([joining], exc, finished)
-                break  # after an OOM the others try again next step, within the lowered limits
-            joining.cache = out.past_key_values
-            joining.prefilled = end
-            budget -= end - start
-            self.stats.prefill_chunks += 1
-            self.stats.prefill_tokens += end - start
-            if end == joining.embeds.shape[1]:
-                self._joining.remove(joining)
-                self._join_limit = min(self.max_batch_size, self._join_limit + 1)
-                self._start_decoding(joining, out.logits[:, -1, :], finished)
+            length = int(joining.embeds.shape[1])
+            if joining.prefilled == 0 and length <= budget:
+                pack.append(joining)
+                budget -= length
+            else:
+                take = min(length - joining.prefilled, budget)
+                chunks.append((joining, joining.prefilled + take))
+                budget -= take
+        if len(pack) == 1:
+            chunks.insert(0, (pack[0], int(pack[0].embeds.shape[1])))
+            pack = []
+        if pack and not self._prefill_packed(pack, finished):
+            return
+        for joining, end in chunks:
+            if not self._prefill_chunk(joining, end, finished):
+                return  # after an OOM the others try again next step, within the lowered limits
+
+    def _prefill_packed(self, pack: list[Joining], finished: list[Finished]) -> bool:
+        try:
+            logits, caches = packed_prefill(self.model, [j.embeds for j in pack], self.attn_implementation)
+        except Exception as exc:  # noqa: BLE001
+            if isinstance(exc, torch.cuda.OutOfMemoryError):
+                self._joining_failed(pack, exc, finished)
+                return False
+            for joining in pack:  # find the one that fails: each alone
+                self._prefill_chunk(joining, int(joining.embeds.shape[1]), finished)
+            return True
+        self.stats.prefill_chunks += 1
+        self.stats.prefill_tokens += sum(int(j.embeds.shape[1]) for j in pack)
+        for index, joining in enumerate(pack):
+            joining.cache, joining.prefilled = caches[index], int(joining.embeds.shape[1])
+            self._joined(joining, logits[index : index + 1], finished)
+        return True
+
+    def _prefill_chunk(self, joining: Joining, end: int, finished: list[Finished]) -> bool:
+        start = joining.prefilled
+        try:
+            out = chunk_prefill(self.model, joining.embeds, joining.cache, start, end)
+        except Exception as exc:  # noqa: BLE001
+            self._joining_failed([joining], exc, finished)
+            return not isinstance(exc, torch.cuda.OutOfMemoryError)
+        joining.cache, joining.prefilled = out.past_key_values, end
+        self.stats.prefill_chunks += 1
+        self.stats.prefill_tokens += end - start
+        if end == joining.embeds.shape[1]:
+            self._joined(joining, out.logits[:, -1, :], finished)
+        return True
+
+    def _joined(self, joining: Joining, logits: torch.Tensor, finished: list[Finished]) -> None:
+        self._joining.remove(joining)
+        self._join_limit = min(self.max_batch_size, self._join_limit + 1)
+        self._start_decoding(joining, logits, finished)
 
     def _start_decoding(self, joining: Joining, logits: torch.Tensor, finished: list[Finished]) -> None:
         row = joining.row

@@ -319,3 +319,17 @@ def test_min_new_tokens_holds_eos_back_in_both_engines(tiny_runtime, media):
     pinned = dataclasses.replace(items[stopped], sampling=Sampling(max_new_tokens=40, min_new_tokens=40))
     for out in (engine(tiny_runtime).run_until_done([pinned])[0], tiny_runtime.engine.generate_batch([pinned])[0]):
         assert out.completion_tokens == 40 and out.finish_reason == "length"
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_prefill_gives_solo_tokens_with_sdpa_and_eager(tiny_runtime, tiny_model_dir, tmp_path, media, attention):
+    from model_runtime.loading import load_runtime
+
+    loaded = load_runtime(str(tiny_model_dir), cache_dir=tmp_path, device="cpu", attn_implementation=attention)
+    assert loaded.attn_implementation == attention
+    items = mixed(tiny_runtime, media)
+    eng = ContinuousEngine(loaded, max_batch_size=8, max_batch_tokens=100_000, prefill_chunk_tokens=4096,
+                           vision_chunk_tiles=64)
+    outs = eng.run_until_done(items)
+    assert eng.stats.prefill_chunks == 1  # every prompt in one packed forward
+    assert [o.token_ids for o in outs] == [solo_tokens(tiny_runtime, p) for p in items]
