@@ -64,6 +64,7 @@ class ContinuousEngine:
         self._waiting: deque[tuple[Prepared, float]] = deque()  # (request, added_at)
         self._joining: list[Joining] = []
         self._running: RunningBatch | None = None
+        self._ready: list[RunningBatch] = []  # prefilled this step, joining at the step's end
         self._join_limit = max_batch_size  # halved when joiners run out of memory together
         self._admit_below: int | None = None  # after a join OOM: wait until fewer rows run than this
 
@@ -105,6 +106,7 @@ class ContinuousEngine:
             self._encode_tiles(finished)
             vision_done = time.perf_counter()
             self._prefill(finished)
+            self._merge_ready()
             decode_started = time.perf_counter()
             if decoding and self.stats.vision_calls + self.stats.prefill_chunks > work_before:
                 stall_ms = (decode_started - join_started) * 1000.0  # the running rows waited this long
@@ -332,11 +334,17 @@ class ContinuousEngine:
                               eos_ids=self.eos_ids)[0]
         if self._advance(row, token, finished):
             return
-        single = RunningBatch.from_prefill(row, joining.cache, int(joining.embeds.shape[1]), token)
+        self._ready.append(RunningBatch.from_prefill(row, joining.cache, int(joining.embeds.shape[1]), token))
+
+    def _merge_ready(self) -> None:
+        """Requests prefilled this step join the running batch, in one copy of the cache."""
+        if not self._ready:
+            return
+        ready, self._ready = self._ready, []
         if self._running is None:
-            self._running = single
-        else:
-            self._running.concatenate(single)
+            self._running = ready.pop(0)
+        if ready:
+            self._running.concatenate(ready)
 
     def _joining_failed(self, joiners: list[Joining], exc: Exception, finished: list[Finished]) -> None:
         for joining in joiners:
@@ -352,7 +360,7 @@ class ContinuousEngine:
         _empty_cuda_cache()
         self.stats.join_ooms += 1
         running = len(self._running) if self._running else 0
-        if len(joiners) == 1 and running == 0 and not self._joining:
+        if len(joiners) == 1 and running == 0 and not self._joining and not self._ready:
             prepared = joiners[0].prepared
             log.warning("too_large_for_gpu", request_id=prepared.request_id, prompt_tokens=prepared.prompt_tokens)
             finished.append((prepared, TooLargeForGPU(

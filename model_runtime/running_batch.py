@@ -93,6 +93,17 @@ class Joining:
         return self.row.prepared
 
 
+def _stack_right(parts: list[torch.Tensor], columns: int) -> torch.Tensor:
+    """The rows of (batch, heads, length, dim) tensors in one, each right-aligned in `columns`: one copy."""
+    first = parts[0]
+    out = first.new_zeros((sum(p.shape[0] for p in parts), first.shape[1], columns, first.shape[3]))
+    row = 0
+    for part in parts:
+        out[row : row + part.shape[0], :, columns - part.shape[2] :] = part
+        row += part.shape[0]
+    return out
+
+
 class RunningBatch:
     """Rows decoding together; the model thread owns it."""
 
@@ -122,18 +133,18 @@ class RunningBatch:
         """Cache slots held, pads included: what memory the batch takes."""
         return len(self.rows) * self.columns
 
-    def concatenate(self, other: "RunningBatch") -> None:
-        """`other`'s rows join; both caches are left-padded to the longer one."""
-        columns = max(self.columns, other.columns)
-        layers = []
-        for (k1, v1, *_), (k2, v2, *_) in zip(self.cache, other.cache, strict=True):
-            layers.append((torch.cat([_left_pad(k1, columns, 2), _left_pad(k2, columns, 2)]),
-                           torch.cat([_left_pad(v1, columns, 2), _left_pad(v2, columns, 2)])))
+    def concatenate(self, others: list["RunningBatch"]) -> None:
+        """The rows of `others` join, all at once; every cache is left-padded to the longest."""
+        batches = [self, *others]
+        columns = max(b.columns for b in batches)
+        layers = [(_stack_right([k for k, _ in per_layer], columns), _stack_right([v for _, v in per_layer], columns))
+                  for per_layer in zip(*[[(k, v) for k, v, *_ in b.cache] for b in batches], strict=True)]
         self.cache = DynamicCache(ddp_cache_data=layers)
-        self.mask = torch.cat([_left_pad(self.mask, columns, 1), _left_pad(other.mask, columns, 1)])
-        self.positions = torch.cat([self.positions, other.positions])
-        self.next_ids = torch.cat([self.next_ids, other.next_ids])
-        self.rows.extend(other.rows)
+        self.mask = torch.cat([_left_pad(b.mask, columns, 1) for b in batches])
+        self.positions = torch.cat([b.positions for b in batches])
+        self.next_ids = torch.cat([b.next_ids for b in batches])
+        for other in others:
+            self.rows.extend(other.rows)
 
     def filter(self, keep: list[int]) -> None:
         """Keep these rows (indices into `rows`), then drop the pad columns nobody needs."""
