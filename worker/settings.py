@@ -46,8 +46,10 @@ class Settings(BaseSettings):
     # KV budget of the continuous engine, in tokens (rows x longest prompt + max_new_tokens).
     # None: on CUDA read from free memory after warm-up, on a CPU 131072.
     max_batch_tokens: int | None = Field(default=None, ge=1)
-    prefill_chunk_tokens: int = Field(default=256, ge=16)  # prompt tokens prefilled per step
-    vision_chunk_tiles: int = Field(default=8, ge=1)  # image tiles / video frames encoded per step
+    # Per step, at most this many prompt tokens are prefilled and tiles encoded: the pause
+    # a joining job imposes on the running ones (measured on a CPU, benchmarks/BENCHMARKS.md).
+    prefill_chunk_tokens: int = Field(default=128, ge=16)
+    vision_chunk_tiles: int = Field(default=4, ge=1)
     cancel_poll_s: float = Field(default=0.5, gt=0)  # how often a worker looks for cancelled running jobs
     max_batch_cost: float | None = None  # static engine: None means the size limit only
     max_wait_ms: float = Field(default=20.0, ge=0)  # static engine: how long a batch waits to fill
