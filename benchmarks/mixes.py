@@ -5,10 +5,18 @@ media are sized from the model's tile size, so "one tile" is one tile on any
 checkpoint and "many tiles" spreads over 2..12 tiles (plus the thumbnail)
 through the processor's dynamic tiling. Everything is generated, seeded and
 offline; the same arguments give the same mix.
+
+Output lengths: by default each job asks for its own `max_new_tokens`,
+log-uniform in 16..256 (`job_lengths`), as real traffic does; the list is
+seeded from (seed, mix name) alone, so every engine and every run sees the
+same lengths for the same jobs. `max_new_tokens=N` pins every job to N
+instead (the fixed-length regime). Prompts and media do not depend on the
+lengths: both regimes of a mix hold the same prompts.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +37,9 @@ PROMPTS = (
     "Summarise what happens, first to last, and say what happens at the end.",
     "Read the text, then compare the left side with the right side and list the differences.",
 )
+
+# Per-job max_new_tokens: log-uniform between these (inclusive), so short answers are common and long ones occur.
+MIN_NEW_TOKENS, MAX_NEW_TOKENS = 16, 256
 
 # (columns, rows) of tiles: the processor picks the grid closest to the aspect ratio.
 TILE_GRIDS = ((2, 1), (2, 2), (3, 2), (4, 3), (3, 3), (4, 2), (6, 2), (3, 4), (2, 3), (1, 2))
@@ -94,9 +105,20 @@ def _request(kind: str, i: int, media: MediaSet, url_of, rng: random.Random, max
     raise ValueError(kind)
 
 
-def build_mixes(media: MediaSet, url_of, *, jobs: int, max_new_tokens: int = 16,
+def job_lengths(seed: int, name: str, jobs: int, *, low: int = MIN_NEW_TOKENS,
+                high: int = MAX_NEW_TOKENS) -> list[int]:
+    """Each job's max_new_tokens, log-uniform in low..high, from (seed, mix name) only."""
+    rng = random.Random(f"{seed}-{name}-lengths")
+    return [min(high, max(low, round(math.exp(rng.uniform(math.log(low), math.log(high))))))
+            for _ in range(jobs)]
+
+
+def build_mixes(media: MediaSet, url_of, *, jobs: int, max_new_tokens: int | None = None,
                 names: tuple[str, ...] = MIX_NAMES, seed: int = 0) -> dict[str, Mix]:
-    """`url_of(name)` turns a media file name into the URL the requests carry."""
+    """`url_of(name)` turns a media file name into the URL the requests carry.
+
+    max_new_tokens=None: per-job lengths (`job_lengths`); an int: every job asks for that many.
+    """
     mixes: dict[str, Mix] = {}
     for name in names:
         rng = random.Random(f"{seed}-{name}")
@@ -104,7 +126,9 @@ def build_mixes(media: MediaSet, url_of, *, jobs: int, max_new_tokens: int = 16,
             kinds = rng.choices([k for k, _ in REALISTIC], weights=[w for _, w in REALISTIC], k=jobs)
         else:
             kinds = [name] * jobs
-        requests = [_request(kind, i, media, url_of, rng, max_new_tokens) for i, kind in enumerate(kinds)]
+        lengths = job_lengths(seed, name, jobs) if max_new_tokens is None else [max_new_tokens] * jobs
+        requests = [_request(kind, i, media, url_of, rng, length)
+                    for i, (kind, length) in enumerate(zip(kinds, lengths))]
         used = {n for r in requests for item in r.media_items() for n in [item.url.rsplit("/", 1)[-1]]}
         mixes[name] = Mix(name, requests, {n: media.data[n] for n in used}, description=", ".join(
             f"{k} {kinds.count(k)}" for k in dict.fromkeys(kinds)))
