@@ -1,4 +1,5 @@
-"""Benchmarks for internvl-queue: micro-batching, the service path, padding, video sampling.
+"""Benchmarks for internvl-queue: continuous vs static batching vs one generate per job, the service
+path against the bare engine and against a plain Celery task, short-job latency, padding, video sampling.
 
 `internvl-queue bench [--quick] [--json] [--model tiny|small|DIR] [--out DIR]`
 runs them (benchmarks/run.py); BENCHMARKS.md holds the measured tables.

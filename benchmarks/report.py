@@ -52,7 +52,9 @@ def machine_facts(plan: Any) -> dict[str, Any]:
         "gpu": "none", "os": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
         "versions": versions, "git_commit": _git_commit(), "model": plan.model,
         "max_batch_size": plan.max_batch_size, "max_wait_ms": plan.max_wait_ms,
+        "caps": plan.caps, "fixed_caps": plan.fixed_caps, "fixed_max_new_tokens": plan.fixed_max_new_tokens,
         "engine_jobs_per_mix": plan.engine_jobs, "service_jobs_per_mix": plan.service_jobs,
+        "celery_jobs": plan.celery_jobs,
     }
 
 
@@ -62,10 +64,22 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
+def _pair(a: Any, b: Any) -> str:
+    return f"{a} / {b}"
+
+
 def markdown(r: dict[str, Any]) -> str:
     meta, details = r["meta"], r["details"]
-    caps = list(next(iter(r["batched_over_sequential"].values())).keys())
+    caps = list(next(iter(r["continuous_over_sequential"].values())).keys())
+    cap = str(meta["max_batch_size"])
+    fixed = r["fixed_lengths"]
+    fixed_caps = list(next(iter(fixed["continuous_over_sequential"].values())).keys())
+    knobs = meta.get("continuous", {})
     v = meta["versions"]
+    engine = details["engine"]
+    lat = r["short_job_latency"]
+    stall = r["decode_stall_ms"]
+    e2e = r["end_to_end_over_celery_task"]
     parts = [
         f"Run {meta['date']}, {'QUICK smoke run' if meta.get('quick') else 'full mode'}, "
         f"{meta.get('bench_seconds', '?')} s. Command: `{meta.get('command', 'internvl-queue bench')}`"
@@ -76,37 +90,90 @@ def markdown(r: dict[str, Any]) -> str:
             ["GPU", meta["gpu"]], ["OS / Python", f"{meta['os']} / {meta['python']}"],
             ["versions", ", ".join(f"{k} {val}" for k, val in v.items() if val)],
             ["model", f"`{meta['model']}` (random weights: timings only, the text is gibberish)"],
-            ["worker settings", (f"max_batch_size {meta['max_batch_size']}, max_wait_ms {meta['max_wait_ms']}, "
-                                 f"torch threads {meta.get('torch_threads')}, cost-aware grouping "
-                                 f"{meta.get('cost_aware_grouping')}")],
-            ["jobs per mix", f"engine {meta['engine_jobs_per_mix']}, service {meta['service_jobs_per_mix']}"],
+            ["worker settings", (f"engine {meta.get('engine')}, max_batch_size {meta['max_batch_size']} (the default "
+                                 f"cap below), max_wait_ms {meta['max_wait_ms']} (static), torch threads "
+                                 f"{meta.get('torch_threads')}, continuous: max_batch_tokens "
+                                 f"{knobs.get('max_batch_tokens')}, prefill_chunk_tokens "
+                                 f"{knobs.get('prefill_chunk_tokens')}, vision_chunk_tiles "
+                                 f"{knobs.get('vision_chunk_tiles')}")],
+            ["jobs per mix", (f"engine {meta['engine_jobs_per_mix']}, service {meta['service_jobs_per_mix']}, "
+                              f"service vs Celery task {meta.get('celery_jobs')}")],
+            ["output lengths", (f"per job: max_new_tokens log-uniform 16–256 (headline); fixed: "
+                                f"{fixed['max_new_tokens']} for every job (caps {', '.join(fixed_caps)})")],
         ]),
         "", "### Targets", "",
         _table(["headline", "measured", "target", "met"],
                [[k, t["value"], t["target"], "yes" if t["met"] else "**no**"] for k, t in r["targets"].items()]),
-        "", "### batched_over_sequential (engine jobs/s with the MicroBatcher ÷ one generate per job)", "",
-        _table(["mix", "jobs", "prompt tokens (mean)", "tiles (mean)"] + [f"cap {c}" for c in caps],
-               [[m, details["engine"][m]["mix"], details["engine"][m]["prompt_tokens_mean"],
-                 details["engine"][m]["tiles_mean"]] + [ratios[c] for c in caps]
-                for m, ratios in r["batched_over_sequential"].items()]),
-        "", "Engine jobs/s behind those ratios (same run; mean batch size in brackets):", "",
+        "", ("### Per-job lengths: continuous / static, each over one generate per job "
+             "(engine jobs/s; the same jobs, so also tokens/s)"), "",
+        _table(["mix", "jobs", "prompt tokens (mean)", "tiles (mean)", "max_new_tokens (mean)",
+                "completion tokens (mean)"] + [f"cap {c}" for c in caps],
+               [[m, e["mix"], e["prompt_tokens_mean"], e["tiles_mean"], e["max_new_tokens_mean"],
+                 e["completion_tokens_mean"]]
+                + [_pair(r["continuous_over_sequential"][m][c], r["batched_over_sequential"][m][c]) for c in caps]
+                for m, e in engine.items()]),
+        "", (f"`batching_never_slower` (lowest continuous/sequential above cap 1): {r['batching_never_slower']}. "
+             "Same tokens as one generate per job, every engine and cap (share of jobs): "
+             + ", ".join(f"{m} {e['same_tokens_as_sequential']}" for m, e in engine.items()) + "."),
+        "", "Tokens/s behind those ratios: continuous / static (mean batch: running rows per decode step / jobs per "
+            "generate):", "",
         _table(["mix", "sequential"] + [f"cap {c}" for c in caps],
-               [[m, e["sequential"]["jobs_per_s"]] + [f"{e['batched'][c]['jobs_per_s']} ({e['batched'][c]['mean_batch']})"
-                                                      for c in caps] for m, e in details["engine"].items()]),
-        "", f"![engine jobs/s against batch cap]({PLOT})", "",
-        "### service_over_engine and engine_busy_fraction (saturating load: every job submitted at once)", "",
-        _table(["mix", "service jobs/s", "bare engine jobs/s (same requests, same batching)", "service_over_engine",
-                "engine_busy_fraction", "mean batch (service)"],
-               [[m, s["jobs_per_s"], s["engine_same_batching"]["jobs_per_s"], s["service_over_engine"],
-                 s["engine_busy_fraction"], s["mean_batch"]] for m, s in details["service"].items()]),
+               [[m, e["sequential"]["tokens_per_s"]]
+                + [f"{e['continuous'][c]['tokens_per_s']} / {e['batched'][c]['tokens_per_s']} "
+                   f"({e['continuous'][c]['mean_batch']} / {e['batched'][c]['mean_batch']})" for c in caps]
+                for m, e in engine.items()]),
+        "", f"![continuous and static over one generate per job, against the cap]({PLOT})", "",
+        f"### continuous_over_static (per-job lengths; headline at the default cap {cap})", "",
+        _table(["mix", f"default cap {cap}"] + [f"cap {c}" for c in caps],
+               [[m, r["continuous_over_static"][m]] + [e["continuous_over_static"][c] for c in caps]
+                for m, e in engine.items()]),
+        "", (f"### Fixed lengths: every job max_new_tokens {fixed['max_new_tokens']} "
+             "(continuous / static, each over one generate per job)"), "",
+        _table(["mix"] + [f"cap {c}" for c in fixed_caps]
+               + [f"continuous/static, cap {fixed.get('default_cap', cap)}", "sequential jobs/s"],
+               [[m] + [_pair(fixed["continuous_over_sequential"][m][c], fixed["batched_over_sequential"][m][c])
+                       for c in fixed_caps]
+                + [fixed["continuous_over_static"][m], details["engine_fixed_lengths"][m]["sequential"]["jobs_per_s"]]
+                for m in fixed["continuous_over_sequential"]]),
+        "", (f"### short_job_latency (one_tile, cap {lat['cap']}: {lat['long_jobs']} jobs of {lat['long_tokens']} "
+             f"tokens running, then {lat['short_jobs']} jobs of {lat['short_tokens']} tokens, one every "
+             f"{lat['gap_ms']} ms; submit → result)"), "",
+        _table(["engine", "p50 ms", "p99 ms", "max ms", "wall s"],
+               [["continuous (StepLoop)", lat["continuous"]["p50"], lat["continuous"]["p99"], lat["continuous"]["max"],
+                 lat["continuous"]["wall_s"]],
+                [f"static (MicroBatcher, max_wait_ms {lat['max_wait_ms']})", lat["static"]["p50"],
+                 lat["static"]["p99"], lat["static"]["max"], lat["static"]["wall_s"]]]),
+        "", f"static p50 ÷ continuous p50: {lat['static_p50_over_continuous_p50']}.",
+        "", (f"### decode_stall_ms (longest pause of the running rows while others' vision + prefill ran; "
+             f"continuous, cap {stall.get('cap', cap)}, prefill_chunk_tokens {stall['prefill_chunk_tokens']}, "
+             f"vision_chunk_tiles {stall['vision_chunk_tiles']})"), "",
+        _table(["mix", "max stall ms", "vision calls", "prefill chunks", "decode steps"],
+               [[m, ms, engine[m]["continuous"][cap]["vision_calls"], engine[m]["continuous"][cap]["prefill_chunks"],
+                 engine[m]["continuous"][cap]["decode_steps"]] for m, ms in stall["by_mix"].items()]),
+        "", ("### service_over_engine and engine_busy_fraction (saturating load: every job submitted at once; "
+             "per-job lengths)"), "",
+        _table(["mix", "service jobs/s", "service tokens/s", f"bare {meta.get('engine')} engine jobs/s (same jobs, "
+                "worker's cap)", "service_over_engine", "engine_busy_fraction", "mean batch (service)"],
+               [[m, s["jobs_per_s"], s.get("tokens_per_s"), s["engine_same_batching"]["jobs_per_s"],
+                 s["service_over_engine"], s["engine_busy_fraction"], s["mean_batch"]]
+                for m, s in details["service"].items()]),
+        "", (f"### end_to_end_over_celery_task ({e2e['jobs']} {e2e.get('mix', 'one_tile')} jobs at once, per-job "
+             "lengths; tokens/s from the first submit to the last result)"), "",
+        _table(["path", "tokens/s", "jobs/s", "completion tokens", "seconds"],
+               [["the service (JobClient → Redis → worker)", e2e["service_tokens_per_s"],
+                 e2e["service"]["jobs_per_s"], e2e["service"]["tokens"], e2e["service"]["seconds"]],
+                ["a plain Celery task, one generate per job (benchmarks/celery_baseline.py)",
+                 e2e["celery_task_tokens_per_s"], e2e["celery_task"]["jobs_per_s"], e2e["celery_task"]["tokens"],
+                 e2e["celery_task"]["seconds"]]]),
+        "", f"ratio: {e2e['ratio']}.",
         "", "### idle_latency_overhead_ms (one job at a time: submit → result, minus generate)", "",
         _table(["mix", "jobs", "p50 ms", "p99 ms", "queued p50", "preprocess p50", "batch wait p50",
                 "after generate p50", "max_wait_ms"],
                [[m, x["jobs"], x["p50"], x["p99"], x["queued_p50"], x["preprocess_p50"], x["batch_wait_p50"],
                  x["after_generate_p50"], x["max_wait_ms"]]
                 for m, x in r["idle_latency_overhead_ms"]["by_mix"].items()]),
-        "", ("### padding_waste (share of batch prompt tokens that are padding; realistic mix, "
-             f"cap {r['padding_waste']['cap']})"), "",
+        "", ("### padding_waste (static engine: share of batch prompt tokens that are padding; realistic mix, "
+             f"max_new_tokens {fixed['max_new_tokens']}, cap {r['padding_waste']['cap']})"), "",
         _table(["batch forming", "padding share", "engine jobs/s"],
                [["FIFO (oldest first)", r["padding_waste"]["fifo"], r["padding_waste"]["fifo_jobs_per_s"]],
                 ["cost-aware (similar cost to the oldest)", r["padding_waste"]["cost_aware"],
@@ -117,13 +184,16 @@ def markdown(r: dict[str, Any]) -> str:
                   f"{details['video']['source_frames']} frames, {details['video']['clip_bytes'] // 1024} KiB"),
                  details["video"]["frames"], details["video"]["seek_ms"], details["video"]["decode_all_ms"],
                  details["video"]["speedup"], details["video"]["same_frames"]]]),
-        "", "### torch intra-op threads (one_tile mix)", "",
-        _table(["threads", "engine sequential jobs/s", f"engine batched jobs/s (cap {meta['max_batch_size']})",
-                "engine batched vs first", "service jobs/s (saturated)"],
-               [[t, x["sequential_jobs_per_s"], x["batched_jobs_per_s"], x["batched_vs_first"],
-                 x.get("service_jobs_per_s")]
+        "", "### torch intra-op threads (one_tile mix, per-job lengths)", "",
+        _table(["threads", "engine sequential jobs/s", f"engine static jobs/s (cap {cap})",
+                f"engine continuous jobs/s (cap {cap})", "static vs first", "continuous vs first",
+                "service jobs/s (saturated)"],
+               [[t, x["sequential_jobs_per_s"], x["batched_jobs_per_s"], x.get("continuous_jobs_per_s"),
+                 x["batched_vs_first"], x.get("continuous_vs_first"), x.get("service_jobs_per_s")]
                 for t, x in r["torch_threads"].items()]),
     ]
+    if meta.get("phase_seconds"):
+        parts += ["", "Seconds per phase: " + ", ".join(f"{k} {val}" for k, val in meta["phase_seconds"].items()) + "."]
     return "\n".join(parts)
 
 
@@ -132,18 +202,29 @@ def plot(r: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-    for mix, rates in r["jobs_per_s"].items():
-        caps = [c for c in rates if c != "sequential"]
-        line = ax.plot([int(c) for c in caps], [rates[c] for c in caps], marker="o", label=mix)[0]
-        ax.axhline(rates["sequential"], color=line.get_color(), linestyle=":", linewidth=1)
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=110)
+    for mix, ratios in r["continuous_over_sequential"].items():
+        caps = list(ratios)
+        line = ax.plot([int(c) for c in caps], [ratios[c] for c in caps], marker="o", label=f"{mix} continuous")[0]
+        static = r["batched_over_sequential"][mix]
+        ax.plot([int(c) for c in caps], [static[c] for c in caps], marker="s", linestyle="--", linewidth=1,
+                color=line.get_color(), label=f"{mix} static")
+    ax.axhline(1.0, color="black", linestyle=":", linewidth=1)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    ax.set_xticks([int(c) for c in next(iter(r["continuous_over_sequential"].values()))])
+    plain = FuncFormatter(lambda value, _pos: f"{value:g}")
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
     ax.set_xlabel("batch cap (max_batch_size)")
-    ax.set_ylabel("engine jobs/s")
-    ax.set_title(f"model {r['meta']['model']!r} on {r['meta']['cpus']} CPU cores (dotted: one generate per job)")
-    ax.legend(fontsize=8)
+    ax.set_ylabel("engine jobs/s ÷ one generate per job")
+    ax.set_title(f"per-job max_new_tokens 16–256, model {r['meta']['model']!r}, {r['meta']['cpus']} CPU cores\n"
+                 "solid: continuous, dashed: static, dotted: one generate per job", fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)

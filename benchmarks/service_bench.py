@@ -4,7 +4,10 @@ The worker is the real one (create_app + start_runtime + Celery's threads
 pool, as tests/harness.py runs it) on an embedded redis-server; media sit in
 the file store. Its loaded model is reused for the engine-only runs, so the
 service and the bare engine are measured on the same weights, the same
-requests and the same batching settings, one right after the other.
+requests and the same batching settings, one right after the other. The
+bare engine is the one the worker runs (IVQ_ENGINE, continuous by default):
+a ContinuousEngine behind a StepLoop, or the static Engine behind the
+MicroBatcher, with the worker's cap and knobs.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.engine_bench import prepare_all, run_batched
+from benchmarks.engine_bench import (
+    ContinuousKnobs, percentile, prepare_all, run_batched, run_continuous, static_engine,
+)
 from benchmarks.mixes import Mix, decode_media
 
 
@@ -56,7 +61,7 @@ class Service:
                 max_wait_ms=c.max_wait_ms, concurrency=c.concurrency, warmup=c.warmup, lease_s=120,
                 log_level="WARNING",
             )
-            app = create_app(self.settings)
+            self.app = app = create_app(self.settings)
             self.runtime = start_runtime(app)
             self._stack.callback(self.runtime.stop)
             self._stack.enter_context(start_worker(
@@ -73,6 +78,10 @@ class Service:
     def __exit__(self, *exc: object) -> None:
         self._stack.close()
 
+    def attach(self, context: Any) -> Any:
+        """Enter `context` now and leave it when the service stops (first, before the service's own worker)."""
+        return self._stack.enter_context(context)
+
     def url_of(self, name: str) -> str:
         return f"file://{self.media_dir / name}"
 
@@ -83,6 +92,22 @@ class Service:
     def engine(self) -> Any:
         return self.runtime.engine
 
+    @property
+    def continuous(self) -> bool:
+        return self.settings.engine == "continuous"
+
+    @property
+    def knobs(self) -> ContinuousKnobs:
+        return ContinuousKnobs.of(self.runtime.loaded, self.settings)
+
+    def _counters(self) -> tuple[float, int, int]:
+        """(seconds in the model, batch count, batched items): generate calls and their items for the
+        static engine; decode steps and the rows they decoded for the continuous one."""
+        s = self.engine.stats
+        if self.continuous:
+            return s.generate_seconds, s.decode_steps, s.decode_rows
+        return s.generate_seconds, s.batches, s.items
+
     def prepared(self, mix: Mix) -> list:
         from model_runtime.media import MediaLimits
 
@@ -91,26 +116,32 @@ class Service:
 
     def run_saturated(self, mix: Mix, timeout_s: float = 1800) -> dict[str, Any]:
         """Submit every job at once and wait for all; the model thread's share of the wall time."""
-        stats = self.engine.stats
-        before = (stats.generate_seconds, stats.batches, stats.items)
+        before = self._counters()
         started = time.perf_counter()
         ids = self.client.submit_many(mix.requests)
         statuses = [self.client.wait(job_id, timeout=timeout_s) for job_id in ids]
         wall = time.perf_counter() - started
+        after = self._counters()
         failed = [s.error for s in statuses if s.state.value != "succeeded"]
         if failed:
             raise RuntimeError(f"{len(failed)} bench jobs failed, first: {failed[0]}")
-        generate_s = stats.generate_seconds - before[0]
-        batches, items = stats.batches - before[1], stats.items - before[2]
+        tokens = sum(self.client.result(job_id).usage.completion_tokens for job_id in ids)
+        generate_s = after[0] - before[0]
+        batches, items = after[1] - before[1], after[2] - before[2]
         return {"jobs": len(ids), "seconds": round(wall, 4), "jobs_per_s": round(len(ids) / wall, 4),
+                "tokens": tokens, "tokens_per_s": round(tokens / wall, 2),
                 "generate_seconds": round(generate_s, 4), "engine_busy_fraction": round(generate_s / wall, 4),
                 "batches": batches, "mean_batch": round(items / batches, 2) if batches else 0.0}
 
     def run_engine_same_batching(self, items: list) -> dict[str, Any]:
-        run = run_batched(self.engine, items, cap=self.settings.max_batch_size,
-                          max_wait_ms=self.settings.max_wait_ms, cost_aware=self.runtime.batcher.similar_cost,
-                          max_batch_cost=self.settings.max_batch_cost)
-        return run.as_dict()
+        """The bare engine the worker runs, with the worker's cap and settings, on the same prepared jobs."""
+        s = self.settings
+        if self.continuous:
+            run = run_continuous(self.runtime.loaded, items, cap=s.max_batch_size, knobs=self.knobs)
+        else:  # the worker's static queue is cost-aware (worker/model_thread.py)
+            run = run_batched(static_engine(self.runtime.loaded, s.max_batch_size), items, cap=s.max_batch_size,
+                              max_wait_ms=s.max_wait_ms, cost_aware=True, max_batch_cost=s.max_batch_cost)
+        return {**run.as_dict(), "engine": s.engine}
 
     def run_idle(self, mix: Mix, jobs: int) -> dict[str, Any]:
         """One job at a time: submit -> result, minus the time spent in generate."""
@@ -133,9 +164,3 @@ class Service:
                 "batch_wait_p50": round(percentile(batch_wait, 50), 2),
                 "queued_p50": round(percentile(queued, 50), 2), "after_generate_p50": round(percentile(after, 50), 2),
                 "max_wait_ms": self.settings.max_wait_ms}
-
-
-def percentile(values: list[float], q: float) -> float:
-    import numpy as np
-
-    return float(np.percentile(np.asarray(values, dtype=float), q))

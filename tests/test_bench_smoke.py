@@ -1,6 +1,6 @@
 """`internvl-queue bench --quick --json` runs end to end and reports every headline.
 
-One subprocess run (about a minute on 2 cores): the values are measurements
+One subprocess run (about 70 s on 2 cores): the values are measurements
 and are not checked here, only that the instrument produces each of them.
 """
 
@@ -13,9 +13,23 @@ from pathlib import Path
 
 import pytest
 
-HEADLINES = ("batched_over_sequential", "service_over_engine", "engine_busy_fraction", "idle_latency_overhead_ms",
-             "padding_waste", "video_sampling_speedup")
+HEADLINES = ("batched_over_sequential", "continuous_over_sequential", "continuous_over_static", "batching_never_slower",
+             "decode_stall_ms", "fixed_lengths", "short_job_latency", "service_over_engine", "engine_busy_fraction",
+             "end_to_end_over_celery_task", "idle_latency_overhead_ms", "padding_waste", "video_sampling_speedup")
 MIXES = {"text", "one_tile", "many_tiles", "video8", "realistic"}
+CAPS = {"1", "8"}
+TARGETS = {
+    "continuous_over_sequential_text_largest_cap", "continuous_over_sequential_one_tile_largest_cap",
+    "continuous_over_sequential_realistic_largest_cap", "batching_never_slower",
+    "continuous_over_static_realistic_default_cap", "short_job_latency_static_p50_over_continuous_p50",
+    "end_to_end_over_celery_task", "batched_over_sequential_one_tile_default_cap", "service_over_engine_min",
+    "engine_busy_fraction_min", "idle_latency_overhead_p50_ms", "padding_waste_cut_by_grouping",
+    "video_sampling_speedup"}
+
+
+def _by_mix_and_cap(table: dict) -> None:
+    assert set(table) == MIXES
+    assert all(set(caps) == CAPS for caps in table.values()), table
 
 
 @pytest.mark.slow
@@ -29,23 +43,43 @@ def test_quick_bench_prints_one_json_object_with_every_headline(tmp_path: Path) 
     assert done.returncode == 0, done.stderr[-4000:]
     result = json.loads(done.stdout)  # stdout is exactly one JSON object; logs went to stderr
 
-    for key in (*HEADLINES, "meta", "jobs_per_s", "torch_threads", "targets", "details"):
+    for key in (*HEADLINES, "meta", "jobs_per_s", "tokens_per_s", "torch_threads", "targets", "details"):
         assert key in result, key
-    assert set(result["batched_over_sequential"]) == MIXES
-    assert all(set(caps) == {"1", "8"} for caps in result["batched_over_sequential"].values())
+    # Per-job lengths (the headline): mix x cap ratios for both engines, one ratio per mix between them.
+    _by_mix_and_cap(result["batched_over_sequential"])
+    _by_mix_and_cap(result["continuous_over_sequential"])
+    assert set(result["continuous_over_static"]) == MIXES
+    assert all(isinstance(v, float) for v in result["continuous_over_static"].values())
+    assert isinstance(result["batching_never_slower"], float)
+    stall = result["decode_stall_ms"]
+    assert {"by_mix", "max", "prefill_chunk_tokens", "vision_chunk_tiles"} <= set(stall)
+    assert set(stall["by_mix"]) == MIXES
+    # The same three tables with every job at max_new_tokens 16.
+    fixed = result["fixed_lengths"]
+    _by_mix_and_cap(fixed["continuous_over_sequential"])
+    _by_mix_and_cap(fixed["batched_over_sequential"])
+    assert set(fixed["continuous_over_static"]) == MIXES
+    latency = result["short_job_latency"]
+    for engine in ("continuous", "static"):
+        assert {"p50", "p99"} <= set(latency[engine])
+    assert "static_p50_over_continuous_p50" in latency
+    e2e = result["end_to_end_over_celery_task"]
+    assert {"service_tokens_per_s", "celery_task_tokens_per_s", "ratio", "jobs"} <= set(e2e)
     assert set(result["service_over_engine"]) == MIXES
     assert set(result["engine_busy_fraction"]) == MIXES
     assert {"p50", "p99", "max_wait_ms", "by_mix"} <= set(result["idle_latency_overhead_ms"])
     assert {"fifo", "cost_aware"} <= set(result["padding_waste"])
     assert isinstance(result["video_sampling_speedup"], float)
-    assert set(result["targets"]) == {
-        "batched_over_sequential_one_tile_default_cap", "service_over_engine_min", "engine_busy_fraction_min",
-        "idle_latency_overhead_p50_ms", "padding_waste_cut_by_grouping", "video_sampling_speedup"}
+    for mix, rates in result["tokens_per_s"].items():
+        assert mix in MIXES and set(rates["static"]) == CAPS and set(rates["continuous"]) == CAPS
+    assert set(result["details"]["continuous_over_static_by_cap"]) == MIXES
+    assert set(result["targets"]) == TARGETS
+    assert all({"value", "target", "met"} <= set(t) for t in result["targets"].values())
     assert result["meta"]["quick"] is True and result["meta"]["model"] == "tiny"
 
     # The report and the plot were written to the out dir, not into the package.
     report = (tmp_path / "bench" / "BENCHMARKS.md").read_text()
-    assert "batched_over_sequential" in report and "MEASURED:END" in report
+    assert "continuous_over_static" in report and "short_job_latency" in report and "MEASURED:END" in report
     assert (tmp_path / "bench" / "jobs_per_s_by_cap.png").stat().st_size > 1000
 
 
