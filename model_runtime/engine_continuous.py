@@ -12,10 +12,12 @@ Only the model thread calls it. Each `step()`:
    `prefill_chunk_tokens` prompt tokens a step: whole short prompts packed
    into one forward with a block-diagonal mask (model_runtime/prefill.py),
    longer ones in chunks, so a 12-tile prompt cannot stall the running rows
-   for its whole length; a finished prefill joins the running batch
+   for its whole length (with no row running, budgets are 8x: nobody waits); a finished prefill joins the running batch
    (`RunningBatch.concatenate`);
 5. decodes one token for every running row, each with its own sampling, and
    resolves those that ended: EOS, their own max_new_tokens or a stop string.
+   A row that ended is masked work until a quarter of the batch has ended
+   (then `compact`), because freeing its slot copies the whole cache.
 
 Failures stay per request: out of memory while joining puts the joiners back
 to wait (fewer at a time, or until the running batch shrinks); out of memory
@@ -42,6 +44,7 @@ from model_runtime.types import GenerationFailed, Output, Prepared, RequestCance
 log = structlog.get_logger(__name__)
 
 Finished = tuple[Prepared, "Output | BaseException"]
+IDLE_BUDGET_SCALE = 8  # vision and prefill budgets per step while no row is decoding
 
 
 class ContinuousEngine:
@@ -88,7 +91,7 @@ class ContinuousEngine:
     def abort(self, error: type[BaseException] | BaseException) -> list[Finished]:
         """End every request still here with `error` (drain timeout, shutdown)."""
         everyone = [p for p, _ in self._waiting] + [j.prepared for j in self._joining]
-        everyone += [r.prepared for r in self._running.rows] if self._running else []
+        everyone += [r.prepared for _, r in self._running.live()] if self._running else []
         self._waiting.clear()
         self._joining = []
         self._running = None
@@ -103,9 +106,11 @@ class ContinuousEngine:
             decoding = self._running is not None
             work_before = self.stats.vision_calls + self.stats.prefill_chunks
             join_started = time.perf_counter()
-            self._encode_tiles(finished)
+            # The budgets bound the pause of running rows; with none running, nobody waits on a larger one.
+            scale = 1 if decoding else IDLE_BUDGET_SCALE
+            self._encode_tiles(finished, self.vision_chunk_tiles * scale)
             vision_done = time.perf_counter()
-            self._prefill(finished)
+            self._prefill(finished, self.prefill_chunk_tokens * scale)
             self._merge_ready()
             decode_started = time.perf_counter()
             if decoding and self.stats.vision_calls + self.stats.prefill_chunks > work_before:
@@ -164,13 +169,11 @@ class ContinuousEngine:
                 self._joining.remove(joining)
                 finished.append((joining.prepared, reason))
         if self._running is not None:
-            keep = []
-            for index, row in enumerate(self._running.rows):
+            for index, row in self._running.live():
                 if (reason := self._stop_reason(row.prepared, now)) is not None:
                     finished.append((row.prepared, reason))
-                else:
-                    keep.append(index)
-            self._set_running(keep)
+                    self._running.retire(index)
+            self._after_leaving()
 
     # ------------------------------------------------------------ 2. admission
     def _worst_case_kv(self, extra: Prepared) -> int:
@@ -198,14 +201,13 @@ class ContinuousEngine:
             if self.active and self._worst_case_kv(prepared) > self.max_batch_tokens:
                 return  # first come, first served: it joins when rows leave
             self._waiting.popleft()
-            row = Row(prepared=prepared, seen=prepared.input_ids.to(self.device),
+            row = Row(prepared=prepared, prompt_ids=prepared.input_ids.to(self.device),
                       generator=new_generator(prepared.sampling, self.device), added_at=added_at,
                       admitted_at=time.monotonic())
             self._joining.append(Joining(row))
 
     # ------------------------------------------------------------ 3. vision tower
-    def _encode_tiles(self, finished: list[Finished]) -> None:
-        budget = self.vision_chunk_tiles
+    def _encode_tiles(self, finished: list[Finished], budget: int) -> None:
         parts: list[tuple[Joining, int, int]] = []  # (joiner, first tile, tiles)
         for joining in self._joining:
             if joining.embeds is not None or budget <= 0:
@@ -255,7 +257,7 @@ class ContinuousEngine:
         return out.pooler_output  # (tiles, tokens per tile, hidden)
 
     def _embed(self, joining: Joining) -> torch.Tensor:
-        ids = joining.row.seen
+        ids = joining.row.prompt_ids
         embeds = self.model.get_input_embeddings()(ids)
         if joining.features:
             features = torch.cat(joining.features).reshape(-1, embeds.shape[-1]).to(embeds.dtype)
@@ -267,9 +269,8 @@ class ContinuousEngine:
         return embeds[None]
 
     # ------------------------------------------------------------ 4. prefill
-    def _prefill(self, finished: list[Finished]) -> None:
+    def _prefill(self, finished: list[Finished], budget: int) -> None:
         """Spend this step's prompt-token budget: whole short prompts packed together, the rest in chunks."""
-        budget = self.prefill_chunk_tokens
         pack: list[Joining] = []
         chunks: list[tuple[Joining, int]] = []  # (joiner, prefill up to)
         for joining in self._joining:
@@ -344,6 +345,8 @@ class ContinuousEngine:
         if self._running is None:
             self._running = ready.pop(0)
         if ready:
+            if self._running.retired:
+                self._running.compact()  # the join copies the cache anyway; leave the dead rows out of it
             self._running.concatenate(ready)
 
     def _joining_failed(self, joiners: list[Joining], exc: Exception, finished: list[Finished]) -> None:
@@ -389,25 +392,26 @@ class ContinuousEngine:
             return
         except Exception as exc:  # noqa: BLE001 - every running row was touched by this forward
             log.error("decode_failed", rows=len(batch), error=repr(exc), traceback=traceback.format_exc())
-            finished.extend((row.prepared, _as_failure(exc)) for row in batch.rows)
+            finished.extend((row.prepared, _as_failure(exc)) for _, row in batch.live())
             self._running = None
             return
         self.stats.decode_steps += 1
         self.stats.decode_rows += len(batch)
-        rows = batch.rows
+        rows = batch.rows  # retired ones included: their tokens are computed and ignored
         tokens = choose_tokens(logits, [r.prepared.sampling for r in rows], [r.seen for r in rows],
                                [r.generator for r in rows], generated=[len(r.generated) for r in rows],
                                eos_ids=self.eos_ids)
         batch.set_next(tokens)
-        keep = [i for i, (row, token) in enumerate(zip(batch.rows, tokens)) if not self._advance(row, token, finished)]
-        self._set_running(keep)
+        for index, row in batch.live():
+            if self._advance(row, tokens[index], finished):
+                batch.retire(index)
+        self._after_leaving()
 
     def _decode_oom(self, finished: list[Finished]) -> None:
         _empty_cuda_cache()
         batch = self._running
         assert batch is not None
-        newest = max(range(len(batch)), key=lambda i: batch.rows[i].admitted_at)
-        row = batch.rows[newest]
+        newest, row = max(batch.live(), key=lambda live: live[1].admitted_at)
         if len(batch) == 1:
             log.warning("too_large_for_gpu", request_id=row.request_id, cached=batch.columns)
             finished.append((row.prepared, TooLargeForGPU(
@@ -415,19 +419,22 @@ class ContinuousEngine:
             self._running = None
             return
         left = len(batch) - 1
-        self._set_running([i for i in range(len(batch)) if i != newest])
+        batch.retire(newest)
+        batch.compact()  # free its memory now
         self._waiting.appendleft((row.prepared, row.added_at))  # recomputed from scratch when it rejoins
         self._admit_below = left  # it rejoins once a row has left
         self.stats.preempted += 1
         log.warning("preempted", request_id=row.request_id, generated=len(row.generated), running=left)
 
-    def _set_running(self, keep: list[int]) -> None:
-        if self._running is None:
+    def _after_leaving(self) -> None:
+        """Free the rows that left once they are a quarter of the batch (or all of it)."""
+        batch = self._running
+        if batch is None:
             return
-        if keep:
-            self._running.filter(keep)
-        else:
+        if not len(batch):
             self._running = None
+        elif batch.retired * 4 >= len(batch.rows):
+            batch.compact()
 
     # ------------------------------------------------------------ one token more
     def _advance(self, row: Row, token: int, finished: list[Finished]) -> bool:
@@ -436,7 +443,7 @@ class ContinuousEngine:
         if token in self.eos_ids:
             finished.append((row.prepared, self._output(row, "stop", completion=len(row.generated) + 1)))
             return True
-        row.append(token)
+        row.generated.append(token)
         if sampling.stop:
             text = self.tokenizer.decode(row.generated, skip_special_tokens=True)
             if (cut := cut_at_stop(text, sampling.stop)) is not None:

@@ -24,12 +24,12 @@ from transformers import DynamicCache
 from model_runtime.types import Prepared
 
 
-@dataclass
+@dataclass(eq=False)  # identity: rows and joiners are looked up in lists
 class Row:
     """One request's decoding state."""
 
     prepared: Prepared
-    seen: torch.Tensor  # prompt ids + generated ids (repetition penalty)
+    prompt_ids: torch.Tensor  # on the model's device
     generator: torch.Generator | None
     added_at: float
     admitted_at: float
@@ -41,9 +41,11 @@ class Row:
     def request_id(self) -> str:
         return self.prepared.request_id
 
-    def append(self, token: int) -> None:
-        self.generated.append(token)
-        self.seen = torch.cat([self.seen, self.seen.new_tensor([token])])
+    def seen(self) -> torch.Tensor:
+        """Prompt ids + generated ids (what repetition penalty looks at); built only when asked."""
+        if not self.generated:
+            return self.prompt_ids
+        return torch.cat([self.prompt_ids, self.prompt_ids.new_tensor(self.generated)])
 
 
 def _left_pad(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
@@ -77,7 +79,7 @@ class ContinuousStats:
         return self.decode_rows / self.decode_steps if self.decode_steps else 0.0
 
 
-@dataclass
+@dataclass(eq=False)
 class Joining:
     """Admitted, not decoding yet: vision features, then a chunked prefill into a cache of its own."""
 
@@ -110,6 +112,7 @@ class RunningBatch:
     def __init__(self, rows: list[Row], cache: DynamicCache, mask: torch.Tensor, positions: torch.Tensor,
                  next_ids: torch.Tensor) -> None:
         self.rows = rows
+        self.alive = [True] * len(rows)  # a finished row stays (masked work) until `compact`
         self.cache = cache
         self.mask = mask  # (rows, columns) 1 where the row has a cached token
         self.positions = positions  # (rows,) position id of the token fed next
@@ -117,12 +120,29 @@ class RunningBatch:
 
     @classmethod
     def from_prefill(cls, row: Row, cache: DynamicCache, prompt_length: int, first_token: int) -> "RunningBatch":
-        device = row.seen.device
+        device = row.prompt_ids.device
         return cls([row], cache, torch.ones((1, prompt_length), dtype=torch.long, device=device),
                    torch.tensor([prompt_length], device=device), torch.tensor([first_token], device=device))
 
     def __len__(self) -> int:
-        return len(self.rows)
+        """Rows still decoding."""
+        return sum(self.alive)
+
+    def live(self) -> list[tuple[int, Row]]:
+        return [(i, row) for i, row in enumerate(self.rows) if self.alive[i]]
+
+    def retire(self, index: int) -> None:
+        """The row is done; its slot is freed at the next `compact` (copying the cache per leaver costs
+        about a decode step, so leavers are gathered)."""
+        self.alive[index] = False
+
+    @property
+    def retired(self) -> int:
+        return len(self.rows) - len(self)
+
+    def compact(self) -> None:
+        """Drop the retired rows, then the pad columns nobody needs."""
+        self.filter([i for i, alive in enumerate(self.alive) if alive])
 
     @property
     def columns(self) -> int:
@@ -145,6 +165,7 @@ class RunningBatch:
         self.next_ids = torch.cat([b.next_ids for b in batches])
         for other in others:
             self.rows.extend(other.rows)
+            self.alive.extend(other.alive)
 
     def filter(self, keep: list[int]) -> None:
         """Keep these rows (indices into `rows`), then drop the pad columns nobody needs."""
@@ -156,6 +177,7 @@ class RunningBatch:
         self.positions = self.positions[index]
         self.next_ids = self.next_ids[index]
         self.rows = [self.rows[i] for i in keep]
+        self.alive = [self.alive[i] for i in keep]
         used = self.mask.any(dim=0).nonzero()
         first = int(used[0]) if len(used) else self.columns
         if first > 0:
@@ -176,8 +198,9 @@ class RunningBatch:
         self.mask = mask
         self.cache = out.past_key_values
         self.positions = self.positions + 1
-        for row in self.rows:
-            row.peak_batch = max(row.peak_batch, len(self.rows))
+        decoding = len(self)
+        for _, row in self.live():
+            row.peak_batch = max(row.peak_batch, decoding)
         return out.logits[:, -1, :]
 
     def set_next(self, tokens: list[int]) -> None:

@@ -8,6 +8,7 @@ neighbours are. Stop strings are checked on the decoded text.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -53,11 +54,12 @@ def _top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(remove.scatter(0, order, remove), float("-inf"))
 
 
-def choose_tokens(logits: torch.Tensor, samplings: list[Sampling], seen: list[torch.Tensor],
+def choose_tokens(logits: torch.Tensor, samplings: list[Sampling], seen: list[Callable[[], torch.Tensor]],
                   generators: list[torch.Generator | None], *, generated: list[int] | None = None,
                   eos_ids: set[int] | frozenset[int] = frozenset()) -> list[int]:
     """One next token per row of `logits` (rows × vocab), each row by its own settings.
 
+    `seen[row]()` gives the row's ids so far (asked only for rows with a repetition penalty);
     `generated[row]` counts the row's tokens so far: below its min_new_tokens, EOS is masked.
     """
     logits = logits.float()
@@ -69,7 +71,9 @@ def choose_tokens(logits: torch.Tensor, samplings: list[Sampling], seen: list[to
     for row, sampling in enumerate(samplings):
         if not sampling.do_sample and sampling.repetition_penalty == 1.0:
             continue  # plain greedy: the vectorised argmax above
-        scores = apply_repetition_penalty(logits[row], seen[row], sampling.repetition_penalty)
+        scores = logits[row]
+        if sampling.repetition_penalty != 1.0:
+            scores = apply_repetition_penalty(scores, seen[row](), sampling.repetition_penalty)
         if not sampling.do_sample:
             chosen[row] = int(scores.argmax())
             continue
