@@ -55,7 +55,32 @@ class _Pending(Generic[T]):
     submitted: float = field(default=0.0)
 
 
-class MicroBatcher(Generic[T, R]):
+class ModelThreadQueue:
+    """The task-thread side both model-thread queues share (this MicroBatcher, worker/steploop.py's
+    StepLoop): start the one model thread, and count requests being prepared (`announce`/`withdraw`)."""
+
+    def __init__(self, loop: Callable[[], None], name: str) -> None:
+        self._cond = threading.Condition()
+        self._announced = 0
+        self._thread = threading.Thread(target=loop, name=name, daemon=True)
+
+    def start(self):  # returns self, the subclass
+        self._thread.start()
+        return self
+
+    def announce(self) -> None:
+        """A request is being prepared and will be submitted (or withdrawn) soon."""
+        with self._cond:
+            self._announced += 1
+
+    def withdraw(self) -> None:
+        """An announced request will not come (its preparation failed)."""
+        with self._cond:
+            self._announced = max(0, self._announced - 1)
+            self._cond.notify_all()
+
+
+class MicroBatcher(ModelThreadQueue, Generic[T, R]):
     def __init__(
         self,
         run_batch: Callable[[list[T], BatchInfo], Sequence[R | BaseException]],
@@ -81,29 +106,13 @@ class MicroBatcher(Generic[T, R]):
         self._clock = clock
         self._on_loop = on_loop
         self.similar_cost = similar_cost
-        self._cond = threading.Condition()
+        super().__init__(self._loop, name)
         self._pending: list[_Pending[T]] = []
-        self._announced = 0
         self._closing = False
         self._busy = False
         self._batch_seq = 0
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
 
     # ---- task-thread side ---------------------------------------------
-    def start(self) -> "MicroBatcher[T, R]":
-        self._thread.start()
-        return self
-
-    def announce(self) -> None:
-        """A request is being prepared and will be submitted (or withdrawn) soon."""
-        with self._cond:
-            self._announced += 1
-
-    def withdraw(self) -> None:
-        """An announced request will not come (its preparation failed)."""
-        with self._cond:
-            self._announced = max(0, self._announced - 1)
-            self._cond.notify_all()
 
     def submit(self, item: T, *, announced: bool = False) -> Future:
         """Queue one item; the future resolves to its result or exception."""

@@ -25,7 +25,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import structlog
 
-from worker.batcher import BatcherClosed
+from worker.batcher import BatcherClosed, ModelThreadQueue
 
 log = structlog.get_logger(__name__)
 
@@ -50,7 +50,7 @@ class RunInfo:
     total_s: float  # submit → finished
 
 
-class StepLoop(Generic[T]):
+class StepLoop(ModelThreadQueue, Generic[T]):
     def __init__(self, engine: StepEngine[T], *, on_loop: Callable[[], None] | None = None,
                  wrap: Callable[[T, Any, RunInfo], Any] = lambda _item, result, _info: result,
                  clock: Callable[[], float] = time.monotonic, name: str = "model-thread") -> None:
@@ -58,29 +58,15 @@ class StepLoop(Generic[T]):
         self._on_loop = on_loop
         self._wrap = wrap
         self._clock = clock
-        self._cond = threading.Condition()
+        super().__init__(self._loop, name)
         self._inbox: list[T] = []
         self._futures: dict[int, tuple[Future, float]] = {}  # id(item) -> (future, submitted)
-        self._announced = 0
         self._closing = False
         self._drain_all = True
         self._drain_deadline: float | None = None
         self._run = 0
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
 
     # ---- task-thread side ---------------------------------------------
-    def start(self) -> "StepLoop[T]":
-        self._thread.start()
-        return self
-
-    def announce(self) -> None:
-        """A request is being prepared (counted in `pending`, so health and scaling see it)."""
-        with self._cond:
-            self._announced += 1
-
-    def withdraw(self) -> None:
-        with self._cond:
-            self._announced = max(0, self._announced - 1)
 
     def submit(self, item: T, *, announced: bool = False) -> Future:
         future: Future = Future()
