@@ -9,9 +9,14 @@ free after warm-up; on a CPU it is a setting.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
+import structlog
+
 from model_runtime.types import Prepared, Sampling
+
+log = structlog.get_logger(__name__)
 
 WARMUP_URL = "file://warmup.jpg"
 CPU_DEFAULT_BATCH_TOKENS = 131_072
@@ -53,3 +58,17 @@ def kv_budget_tokens(model: Any, *, device: str, setting: int | None, memory_fra
 
     free, _total = torch.cuda.mem_get_info(torch.device(device))
     return max(1, int(free * memory_fraction) // kv_bytes_per_token(model))
+
+
+def warm_up(engine: Any, size: int, *, max_new_tokens: int = 16) -> float:
+    """`size` warm-up requests through a continuous engine at once; raise on any failure. Returns seconds."""
+    items = [warmup_request(engine.loaded, max_new_tokens=max_new_tokens, request_id=f"warmup-{i}")
+             for i in range(size)]
+    started = time.perf_counter()
+    failed = [r for r in engine.run_until_done(items) if isinstance(r, BaseException)]
+    if failed:
+        raise RuntimeError(f"warm-up at batch {size} failed: {failed[0]!r}") from failed[0]
+    seconds = time.perf_counter() - started
+    log.info("warmup_done", engine="continuous", batch_size=size, prompt_tokens=items[0].prompt_tokens,
+             seconds=round(seconds, 3))
+    return seconds

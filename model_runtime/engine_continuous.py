@@ -37,9 +37,10 @@ import structlog
 import torch
 
 from model_runtime.running_batch import ContinuousStats, Joining, Row, RunningBatch
-from model_runtime.prefill import chunk_prefill, packed_prefill
+from model_runtime.engine_memory import MemoryPolicy, as_failure
+from model_runtime.prefill import chunk_prefill, embed_prompt, image_features, packed_prefill
 from model_runtime.sampling import choose_tokens, cut_at_stop, new_generator
-from model_runtime.types import GenerationFailed, Output, Prepared, RequestCancelled, DeadlineExceeded, TooLargeForGPU
+from model_runtime.types import DeadlineExceeded, Output, Prepared, RequestCancelled, TooLargeForGPU
 
 log = structlog.get_logger(__name__)
 
@@ -47,7 +48,7 @@ Finished = tuple[Prepared, "Output | BaseException"]
 IDLE_BUDGET_SCALE = 8  # vision and prefill budgets per step while no row is decoding
 
 
-class ContinuousEngine:
+class ContinuousEngine(MemoryPolicy):
     def __init__(self, loaded: Any, *, max_batch_size: int, max_batch_tokens: int,
                  prefill_chunk_tokens: int = 512, vision_chunk_tiles: int = 8) -> None:
         self.loaded = loaded
@@ -126,19 +127,9 @@ class ContinuousEngine:
 
     def warmup(self, batch_size: int | None = None, *, max_new_tokens: int = 16) -> float:
         """Run the largest batch of 12-tile image requests; raise on any failure. Returns seconds."""
-        from model_runtime.capacity import warmup_request
+        from model_runtime.capacity import warm_up
 
-        size = batch_size or self.max_batch_size
-        items = [warmup_request(self.loaded, max_new_tokens=max_new_tokens, request_id=f"warmup-{i}")
-                 for i in range(size)]
-        started = time.perf_counter()
-        failed = [r for r in self.run_until_done(items) if isinstance(r, BaseException)]
-        if failed:
-            raise RuntimeError(f"warm-up at batch {size} failed: {failed[0]!r}") from failed[0]
-        seconds = time.perf_counter() - started
-        log.info("warmup_done", engine="continuous", batch_size=size, prompt_tokens=items[0].prompt_tokens,
-                 seconds=round(seconds, 3))
-        return seconds
+        return warm_up(self, batch_size or self.max_batch_size, max_new_tokens=max_new_tokens)
 
     def run_until_done(self, items: list[Prepared]) -> list[Output | BaseException]:
         """Add `items`, step until each has ended; results in the same order (tests, warm-up, benchmarks)."""
@@ -222,7 +213,9 @@ class ContinuousEngine:
         for joining in list(self._joining):
             if joining.embeds is None and joining.tiles_done == joining.prepared.tiles:
                 try:
-                    joining.embeds = self._embed(joining)
+                    joining.embeds = embed_prompt(self.model, joining.row.prompt_ids, joining.features,
+                                                  self.image_token_id)
+                    joining.features = []
                 except Exception as exc:  # noqa: BLE001
                     self._joining_failed([joining], exc, finished)
 
@@ -231,7 +224,7 @@ class ContinuousEngine:
         so one bad input fails only itself."""
         pixels = torch.cat([j.prepared.pixel_values[s : s + n] for j, s, n in parts])
         try:
-            features = self._image_features(pixels)
+            features = image_features(self.model, pixels)
         except Exception as exc:  # noqa: BLE001 - fails (or defers) only the requests in this call
             if len(parts) > 1 and not isinstance(exc, torch.cuda.OutOfMemoryError):
                 for part in parts:
@@ -246,27 +239,6 @@ class ContinuousEngine:
             joining.features.append(features[offset : offset + count])
             joining.tiles_done += count
             offset += count
-
-    def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        config = self.model.config
-        out = self.model.get_image_features(
-            pixel_values=pixels.to(device=self.device, dtype=self.model.dtype),
-            vision_feature_layer=config.vision_feature_layer,
-            vision_feature_select_strategy=config.vision_feature_select_strategy, return_dict=True,
-        )
-        return out.pooler_output  # (tiles, tokens per tile, hidden)
-
-    def _embed(self, joining: Joining) -> torch.Tensor:
-        ids = joining.row.prompt_ids
-        embeds = self.model.get_input_embeddings()(ids)
-        if joining.features:
-            features = torch.cat(joining.features).reshape(-1, embeds.shape[-1]).to(embeds.dtype)
-            slots = ids == self.image_token_id
-            if int(slots.sum()) != features.shape[0]:
-                raise GenerationFailed(f"{int(slots.sum())} image placeholders for {features.shape[0]} features")
-            embeds[slots] = features
-            joining.features = []
-        return embeds[None]
 
     # ------------------------------------------------------------ 4. prefill
     def _prefill(self, finished: list[Finished], budget: int) -> None:
@@ -349,37 +321,6 @@ class ContinuousEngine:
                 self._running.compact()  # the join copies the cache anyway; leave the dead rows out of it
             self._running.concatenate(ready)
 
-    def _joining_failed(self, joiners: list[Joining], exc: Exception, finished: list[Finished]) -> None:
-        for joining in joiners:
-            if joining in self._joining:
-                self._joining.remove(joining)
-        if not isinstance(exc, torch.cuda.OutOfMemoryError):
-            log.error("join_failed", requests=[j.prepared.request_id for j in joiners], error=repr(exc),
-                      traceback=traceback.format_exc())
-            for joining in joiners:
-                finished.append((joining.prepared, _as_failure(exc)))
-            return
-        del exc  # the traceback pins the tensors of the failed call
-        _empty_cuda_cache()
-        self.stats.join_ooms += 1
-        running = len(self._running) if self._running else 0
-        if len(joiners) == 1 and running == 0 and not self._joining and not self._ready:
-            prepared = joiners[0].prepared
-            log.warning("too_large_for_gpu", request_id=prepared.request_id, prompt_tokens=prepared.prompt_tokens)
-            finished.append((prepared, TooLargeForGPU(
-                f"out of GPU memory even alone ({prepared.prompt_tokens} prompt tokens, {prepared.tiles} tiles); "
-                "use fewer or smaller media or fewer frames")))
-            return
-        for joining in joiners:  # back in the queue, in arrival order: first come, first served
-            self._waiting.append((joining.prepared, joining.row.added_at))
-        self._waiting = deque(sorted(self._waiting, key=lambda entry: entry[1]))
-        # Fewer joiners at a time (split); one alone beside running rows waits until some leave.
-        self._join_limit = max(1, (len(self._joining) + len(joiners)) // 2)
-        if len(joiners) == 1 and not self._joining:
-            self._admit_below = running
-        log.warning("join_oom_wait", requests=[j.prepared.request_id for j in joiners], running=running,
-                    join_limit=self._join_limit)
-
     # ------------------------------------------------------------ 5. decode
     def _decode(self, finished: list[Finished]) -> None:
         batch = self._running
@@ -392,7 +333,7 @@ class ContinuousEngine:
             return
         except Exception as exc:  # noqa: BLE001 - every running row was touched by this forward
             log.error("decode_failed", rows=len(batch), error=repr(exc), traceback=traceback.format_exc())
-            finished.extend((row.prepared, _as_failure(exc)) for _, row in batch.live())
+            finished.extend((row.prepared, as_failure(exc)) for _, row in batch.live())
             self._running = None
             return
         self.stats.decode_steps += 1
@@ -406,25 +347,6 @@ class ContinuousEngine:
             if self._advance(row, tokens[index], finished):
                 batch.retire(index)
         self._after_leaving()
-
-    def _decode_oom(self, finished: list[Finished]) -> None:
-        _empty_cuda_cache()
-        batch = self._running
-        assert batch is not None
-        newest, row = max(batch.live(), key=lambda live: live[1].admitted_at)
-        if len(batch) == 1:
-            log.warning("too_large_for_gpu", request_id=row.request_id, cached=batch.columns)
-            finished.append((row.prepared, TooLargeForGPU(
-                f"out of GPU memory decoding alone at {batch.columns} tokens; use fewer new tokens or less media")))
-            self._running = None
-            return
-        left = len(batch) - 1
-        batch.retire(newest)
-        batch.compact()  # free its memory now
-        self._waiting.appendleft((row.prepared, row.added_at))  # recomputed from scratch when it rejoins
-        self._admit_below = left  # it rejoins once a row has left
-        self.stats.preempted += 1
-        log.warning("preempted", request_id=row.request_id, generated=len(row.generated), running=left)
 
     def _after_leaving(self) -> None:
         """Free the rows that left once they are a quarter of the batch (or all of it)."""
@@ -441,41 +363,15 @@ class ContinuousEngine:
         """Record `token` for `row`; True (and its Output in `finished`) when the row is done."""
         sampling = row.prepared.sampling
         if token in self.eos_ids:
-            finished.append((row.prepared, self._output(row, "stop", completion=len(row.generated) + 1)))
+            finished.append((row.prepared, row.output(self.tokenizer, "stop", completion=len(row.generated) + 1)))
             return True
         row.generated.append(token)
         if sampling.stop:
             text = self.tokenizer.decode(row.generated, skip_special_tokens=True)
             if (cut := cut_at_stop(text, sampling.stop)) is not None:
-                finished.append((row.prepared, self._output(row, "stop", text=cut)))
+                finished.append((row.prepared, row.output(self.tokenizer, "stop", text=cut)))
                 return True
         if len(row.generated) >= sampling.max_new_tokens:
-            finished.append((row.prepared, self._output(row, "length")))
+            finished.append((row.prepared, row.output(self.tokenizer, "length")))
             return True
         return False
-
-    def _output(self, row: Row, reason: str, *, text: str | None = None, completion: int | None = None) -> Output:
-        now = time.monotonic()
-        return Output(
-            request_id=row.request_id,
-            text=self.tokenizer.decode(row.generated, skip_special_tokens=True) if text is None else text,
-            finish_reason=reason,  # type: ignore[arg-type]
-            prompt_tokens=row.prepared.prompt_tokens,
-            completion_tokens=len(row.generated) if completion is None else completion,
-            generate_ms=(now - row.admitted_at) * 1000.0,
-            batch_size=row.peak_batch,
-            padding_tokens=0,
-            token_ids=list(row.generated),
-            wait_ms=(row.admitted_at - row.added_at) * 1000.0,
-        )
-
-
-def _as_failure(exc: BaseException) -> BaseException:
-    if isinstance(exc, (GenerationFailed, TooLargeForGPU)):
-        return exc
-    return GenerationFailed(f"generation failed: {type(exc).__name__}: {exc}")
-
-
-def _empty_cuda_cache() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

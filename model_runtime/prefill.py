@@ -1,4 +1,5 @@
-"""Prefill for the continuous engine: whole short prompts packed into one forward, long ones in chunks.
+"""Prompt side of the continuous engine: vision features, prompt embeddings, and prefill
+(whole short prompts packed into one forward, long ones in chunks).
 
 Packing puts several requests' prompt embeddings in one row, each with its
 own position ids (restarting at 0) and a block-diagonal causal mask, so every
@@ -16,6 +17,31 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache
+
+from model_runtime.types import GenerationFailed
+
+
+def image_features(model: Any, pixels: torch.Tensor) -> torch.Tensor:
+    """The vision tower + projector over tiles: (tiles, tokens per tile, hidden)."""
+    config = model.config
+    out = model.get_image_features(
+        pixel_values=pixels.to(device=model.device, dtype=model.dtype),
+        vision_feature_layer=config.vision_feature_layer,
+        vision_feature_select_strategy=config.vision_feature_select_strategy, return_dict=True,
+    )
+    return out.pooler_output
+
+
+def embed_prompt(model: Any, ids: torch.Tensor, features: list[torch.Tensor], image_token_id: int) -> torch.Tensor:
+    """(1, prompt, hidden): token embeddings with every image placeholder replaced by its feature, in order."""
+    embeds = model.get_input_embeddings()(ids)
+    if features:
+        flat = torch.cat(features).reshape(-1, embeds.shape[-1]).to(embeds.dtype)
+        slots = ids == image_token_id
+        if int(slots.sum()) != flat.shape[0]:
+            raise GenerationFailed(f"{int(slots.sum())} image placeholders for {flat.shape[0]} features")
+        embeds[slots] = flat
+    return embeds[None]
 
 
 def block_causal_mask(lengths: list[int], attn_implementation: str, dtype: torch.dtype,

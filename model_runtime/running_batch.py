@@ -15,13 +15,14 @@ layer's keys and values, `DynamicCache(ddp_cache_data=...)` builds one, and
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import DynamicCache
 
-from model_runtime.types import Prepared
+from model_runtime.types import Output, Prepared
 
 
 @dataclass(eq=False)  # identity: rows and joiners are looked up in lists
@@ -40,6 +41,22 @@ class Row:
     @property
     def request_id(self) -> str:
         return self.prepared.request_id
+
+    def output(self, tokenizer: Any, reason: str, *, text: str | None = None,
+               completion: int | None = None) -> Output:
+        """The row's result, now: its text (or `text`, cut at a stop string) and its counts."""
+        return Output(
+            request_id=self.request_id,
+            text=tokenizer.decode(self.generated, skip_special_tokens=True) if text is None else text,
+            finish_reason=reason,  # type: ignore[arg-type]
+            prompt_tokens=self.prepared.prompt_tokens,
+            completion_tokens=len(self.generated) if completion is None else completion,
+            generate_ms=(time.monotonic() - self.admitted_at) * 1000.0,
+            batch_size=self.peak_batch,
+            padding_tokens=0,
+            token_ids=list(self.generated),
+            wait_ms=(self.admitted_at - self.added_at) * 1000.0,
+        )
 
     def seen(self) -> torch.Tensor:
         """Prompt ids + generated ids (what repetition penalty looks at); built only when asked."""
@@ -147,11 +164,6 @@ class RunningBatch:
     @property
     def columns(self) -> int:
         return int(self.mask.shape[1])
-
-    @property
-    def kv_tokens(self) -> int:
-        """Cache slots held, pads included: what memory the batch takes."""
-        return len(self.rows) * self.columns
 
     def concatenate(self, others: list["RunningBatch"]) -> None:
         """The rows of `others` join, all at once; every cache is left-padded to the longest."""

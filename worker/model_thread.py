@@ -11,6 +11,7 @@ request's own error.
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -82,7 +83,7 @@ def _start_static(loaded: Any, s: Settings, *, metrics: Any, worker_id: str,
     engine = Engine(loaded, max_batch_size=s.max_batch_size)
     if s.warmup:
         engine.warmup(s.max_batch_size)
-    sequence = iter(range(1, 2**62))
+    sequence = itertools.count(1)
 
     def run_batch(items: list, info: BatchInfo) -> list:
         batch_id = f"{worker_id}:{next(sequence)}"

@@ -47,7 +47,6 @@ class RunInfo:
     """Where a finished request ran: `run` counts the engine's busy periods (idle → busy)."""
 
     run: int
-    total_s: float  # submit → finished
 
 
 class StepLoop(ModelThreadQueue, Generic[T]):
@@ -60,7 +59,7 @@ class StepLoop(ModelThreadQueue, Generic[T]):
         self._clock = clock
         super().__init__(self._loop, name)
         self._inbox: list[T] = []
-        self._futures: dict[int, tuple[Future, float]] = {}  # id(item) -> (future, submitted)
+        self._futures: dict[int, Future] = {}  # id(item) -> its future
         self._closing = False
         self._drain_all = True
         self._drain_deadline: float | None = None
@@ -76,7 +75,7 @@ class StepLoop(ModelThreadQueue, Generic[T]):
             if self._closing:
                 raise BatcherClosed("the model thread is stopping")
             self._inbox.append(item)
-            self._futures[id(item)] = (future, self._clock())
+            self._futures[id(item)] = future
             self._cond.notify_all()
         return future
 
@@ -135,13 +134,12 @@ class StepLoop(ModelThreadQueue, Generic[T]):
             self._resolve(finished)
 
     def _resolve(self, finished: list[tuple[T, Any]]) -> None:
-        now = self._clock()
         for item, result in finished:
             with self._cond:
-                future, submitted = self._futures.pop(id(item), (None, now))
+                future = self._futures.pop(id(item), None)
             if future is None:
                 continue
             if isinstance(result, BaseException):
                 future.set_exception(result)
             else:
-                future.set_result(self._wrap(item, result, RunInfo(self._run, now - submitted)))
+                future.set_result(self._wrap(item, result, RunInfo(self._run)))
