@@ -5,7 +5,7 @@ torch or transformers (a test checks it).
 """
 
 from api_client.client import JobClient
-from api_client.errors import ApiError, BrokerUnavailable, JobNotFound, RequestRejected, WaitTimeout
+from api_client.errors import BrokerUnavailable, JobNotFound, RequestRejected, ServiceError, WaitTimeout
 from api_client.schema import (
     CallbackSpec,
     ErrorCode,
@@ -22,7 +22,6 @@ from api_client.schema import (
 )
 
 __all__ = [
-    "ApiError",
     "BrokerUnavailable",
     "CallbackSpec",
     "ErrorCode",
@@ -37,6 +36,7 @@ __all__ = [
     "JobStatus",
     "Message",
     "RequestRejected",
+    "ServiceError",
     "TextItem",
     "VideoItem",
     "WaitTimeout",

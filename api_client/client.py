@@ -10,34 +10,19 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import redis
-from celery import Celery
+from kombu.exceptions import OperationalError
 from pydantic import ValidationError
 
 from api_client import keys
+from api_client.dispatch import Dispatcher, producer_app
 from api_client.errors import BrokerUnavailable, JobNotFound, RequestRejected, WaitTimeout
-from api_client.records import Records, status_from_record
-from api_client.schema import MAX_REQUEST_BYTES, ErrorCode, JobRequest, JobResult, JobStatus
-
-_PUBLISH_RETRY = {"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1.0}
-
-
-def producer_app(redis_url: str) -> Celery:
-    """A Celery app that can only send our tasks (the producer never runs them)."""
-    app = Celery("internvl-queue-producer", broker=redis_url, set_as_current=False)
-    app.conf.update(
-        task_serializer="json",
-        accept_content=["json"],
-        broker_transport_options=keys.broker_transport_options(),
-        broker_connection_retry_on_startup=False,
-        broker_connection_max_retries=3,
-    )
-    return app
+from api_client.jobstate import JobStore, status_from_record
+from api_client.schema import MAX_REQUEST_BYTES, JobRequest, JobResult, JobState, JobStatus
 
 
 class JobClient:
@@ -48,8 +33,8 @@ class JobClient:
         self.redis = redis.Redis.from_url(
             redis_url, socket_timeout=socket_timeout, socket_connect_timeout=5, health_check_interval=30
         )
-        self.records = Records(self.redis)
-        self._app = producer_app(redis_url)
+        self.jobs = JobStore(self.redis)
+        self.dispatch = Dispatcher(producer_app(redis_url))
 
     # ---- submitting -------------------------------------------------
     def submit(self, request: JobRequest | dict[str, Any] | str) -> str:
@@ -59,29 +44,22 @@ class JobClient:
         Submitting twice with the same idempotency_key returns the first job's id.
         """
         req = self._validate(request)
-        job_id = uuid.uuid4().hex
+        job_id = self.jobs.new_job_id(req.idempotency_key)
         body = req.model_dump_json(exclude_none=True)
         deadline = req.deadline.timestamp() if req.deadline else None
         with self._broker_errors():
-            created, job_id = self.records.create(
+            created = self.jobs.create(
                 job_id, body, now=time.time(), priority=req.priority,
                 deadline=deadline, idempotency_key=req.idempotency_key,
             )
-            if created:
-                self.enqueue(job_id, req.priority)
-        return job_id
+            if created.done:
+                self.dispatch.run_job(job_id, req.priority)
+        return created.job_id
 
     def submit_many(self, requests: Iterable[JobRequest | dict[str, Any]]) -> list[str]:
         """Submit several jobs; every request is validated before any is enqueued."""
         validated = [self._validate(r) for r in requests]
         return [self.submit(r) for r in validated]
-
-    def enqueue(self, job_id: str, priority: int = 0) -> None:
-        """Send the Celery message for an existing record (also used to repair a lost one)."""
-        self._app.send_task(
-            keys.INFER_TASK, args=[job_id], queue=keys.INFER_QUEUE,
-            priority=keys.celery_priority(priority), retry=True, retry_policy=_PUBLISH_RETRY,
-        )
 
     @staticmethod
     def _validate(request: JobRequest | dict[str, Any] | str) -> JobRequest:
@@ -90,21 +68,21 @@ class JobClient:
         try:
             if isinstance(request, (str, bytes)):
                 if len(request) > MAX_REQUEST_BYTES:
-                    raise RequestRejected(ErrorCode.invalid_request.value, f"request over {MAX_REQUEST_BYTES} bytes")
+                    raise RequestRejected(f"request over {MAX_REQUEST_BYTES} bytes")
                 return JobRequest.model_validate_json(request)
             if len(json.dumps(request, default=str)) > MAX_REQUEST_BYTES:
-                raise RequestRejected(ErrorCode.invalid_request.value, f"request over {MAX_REQUEST_BYTES} bytes")
+                raise RequestRejected(f"request over {MAX_REQUEST_BYTES} bytes")
             return JobRequest.model_validate(request)
         except ValidationError as exc:
             problems = "; ".join(
                 f"{'.'.join(str(p) for p in e['loc']) or 'request'}: {e['msg']}" for e in exc.errors()[:5]
             )
-            raise RequestRejected(ErrorCode.invalid_request.value, problems) from None
+            raise RequestRejected(problems) from None
 
     # ---- reading ----------------------------------------------------
     def status(self, job_id: str) -> JobStatus:
         with self._broker_errors():
-            rec = self.records.raw(job_id)
+            rec = self.jobs.raw(job_id)
         if not rec:
             raise JobNotFound(job_id)
         return status_from_record(rec)
@@ -112,8 +90,8 @@ class JobClient:
     def result(self, job_id: str) -> JobResult | None:
         """The result of a succeeded job (None while it has not succeeded)."""
         with self._broker_errors():
-            raw = self.redis.hget(keys.job(job_id), "result")
-            if raw is None and not self.redis.exists(keys.job(job_id)):
+            raw = self.jobs.result_json(job_id)
+            if raw is None and not self.jobs.exists(job_id):
                 raise JobNotFound(job_id)
         return JobResult.model_validate_json(raw) if raw else None
 
@@ -134,8 +112,8 @@ class JobClient:
             pubsub.subscribe(keys.events_channel(job_id))
             try:
                 seen = 0
-                past = self.records.events(job_id)
-                if not past and not self.redis.exists(keys.job(job_id)):
+                past = self.jobs.events(job_id)
+                if not past and not self.jobs.exists(job_id):
                     raise JobNotFound(job_id)
                 for ev in past:
                     seen += 1
@@ -148,7 +126,7 @@ class JobClient:
                     if msg is None:
                         continue
                     # Read from the list, not the message: the list has every event in order.
-                    for ev in self.records.events(job_id)[seen:]:
+                    for ev in self.jobs.events(job_id, start=seen):
                         seen += 1
                         yield ev
                         if _is_terminal(ev):
@@ -159,12 +137,7 @@ class JobClient:
     def cancel(self, job_id: str) -> JobStatus:
         """Cancel a queued or running job (a running job's result is discarded)."""
         with self._broker_errors():
-            done, _prev = self.records.cancel(job_id, now=time.time())
-            if done:
-                self._app.send_task(
-                    keys.NOTIFY_TASK, args=[job_id, "cancelled"], queue=keys.CALLBACKS_QUEUE,
-                    retry=True, retry_policy=_PUBLISH_RETRY,
-                )
+            self.dispatch.announce(self.jobs.cancel(job_id))
         return self.status(job_id)
 
     def close(self) -> None:
@@ -183,11 +156,9 @@ class JobClient:
             yield
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
             raise BrokerUnavailable(f"Redis unreachable: {exc}") from exc
-        except Exception as exc:
-            if type(exc).__name__ == "OperationalError":  # kombu publish failure
-                raise BrokerUnavailable(f"broker unreachable: {exc}") from exc
-            raise
+        except OperationalError as exc:  # kombu could not publish
+            raise BrokerUnavailable(f"broker unreachable: {exc}") from exc
 
 
 def _is_terminal(event: dict[str, Any]) -> bool:
-    return event.get("state") in ("succeeded", "failed", "cancelled")
+    return JobState(event["state"]).terminal

@@ -1,33 +1,59 @@
-"""Exceptions the client raises. Everything derives from ApiError.
+"""One exception tree for every error the service names.
 
-    ApiError
-    ├── RequestRejected   the request failed validation at submit (has .code)
-    ├── JobNotFound       no record for this job id (never existed or expired)
-    ├── WaitTimeout       wait() gave up before the job ended
-    └── BrokerUnavailable Redis could not be reached (raised, never a hang)
+    ServiceError (code, message, retryable)
+    ├── RequestRejected    the request failed validation at submit (invalid_request)
+    ├── JobNotFound        no record for this job id: never existed, or expired (not_found)
+    ├── WaitTimeout        wait() gave up before the job ended (timeout)
+    ├── BrokerUnavailable  Redis could not be reached; raised, never a hang (broker_unavailable)
+    └── raised in workers, and classified there by class (worker/errors.py):
+        JobFailed (worker/errors.py), ForbiddenURL (worker/netguard.py) and the storage
+        errors (worker/media_fetch.py: MediaNotFound, MediaTooLarge, ForbiddenMedia,
+        StorageUnavailable)
+
+`code` is always an `ErrorCode`, the stable codes clients branch on. `retryable`
+says whether the same request may succeed later. The model runtime has its own
+`model_runtime.types.RequestError` of the same shape: that package imports
+nothing of this one, so the worker maps it by class.
 """
 
 from __future__ import annotations
 
-
-class ApiError(Exception):
-    code = "internal_error"
+from api_client.schema import ErrorCode
 
 
-class RequestRejected(ApiError):
-    def __init__(self, code: str, message: str):
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
+class ServiceError(Exception):
+    code: ErrorCode = ErrorCode.internal_error
+    retryable: bool = False
+
+    def __init__(self, message: str = "", *, code: ErrorCode | str | None = None, retryable: bool | None = None):
+        if code is not None:
+            self.code = ErrorCode(code)
+        if retryable is not None:
+            self.retryable = retryable
+        self.message = message or self.code.value
+        super().__init__(self.message)
+
+    def __str__(self) -> str:
+        return f"{self.code.value}: {self.message}"
 
 
-class JobNotFound(ApiError):
-    code = "not_found"
+class RequestRejected(ServiceError):
+    code = ErrorCode.invalid_request
 
 
-class WaitTimeout(ApiError):
-    code = "timeout"
+class JobNotFound(ServiceError):
+    code = ErrorCode.not_found
+
+    def __init__(self, job_id: str):
+        super().__init__(f"no job {job_id} (never submitted, or its record expired)")
+        self.job_id = job_id
 
 
-class BrokerUnavailable(ApiError):
-    code = "broker_unavailable"
+class WaitTimeout(ServiceError):
+    code = ErrorCode.timeout
+    retryable = True
+
+
+class BrokerUnavailable(ServiceError):
+    code = ErrorCode.broker_unavailable
+    retryable = True

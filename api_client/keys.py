@@ -1,19 +1,34 @@
-"""Redis key names, TTLs and queue names: the one place both sides read.
+"""Every Redis key, queue and task name the service uses, and their TTLs.
 
-Every key the service writes carries a TTL; nothing here lives forever.
+Nothing else builds a key name: the Lua scripts of api_client/jobstate.py
+receive theirs in `KEYS[]`, from `JobKeys` below.
+
+Redis Cluster: a job's keys carry the hash tag of its shard, `{ivq:<n>}`, and
+so do the indexes its transitions update (leases, queued, deadlines, owed
+callbacks). Every script therefore touches one slot, which is what Redis
+Cluster and Redis proxies require, and the SHARDS tags spread the job state
+over up to SHARDS slots (and so nodes). A job's shard is fixed by its id.
+Changing SHARDS moves every key: do it on an empty Redis only.
+
+The Celery broker lists (`infer`, `infer:3`, ...) are kombu's, not ours: kombu's
+Redis transport does not run on Redis Cluster, so the broker stays a plain Redis.
 """
 
 from __future__ import annotations
 
+import zlib
+from dataclasses import dataclass
+
 PREFIX = "ivq"
+SHARDS = 16
 
 # Celery queues and task names (the client sends tasks by name; it never
-# imports the worker).
+# imports the worker). api_client/dispatch.py sends every message.
 INFER_QUEUE = "infer"
 CALLBACKS_QUEUE = "callbacks"
-INFER_TASK = "ivq.infer"
-CALLBACK_TASK = "ivq.deliver_callback"
-NOTIFY_TASK = "ivq.notify"  # (job_id, event): build and send the callback for one event
+INFER_TASK = "ivq.infer"  # (job_id): run the job
+NOTIFY_TASK = "ivq.notify"  # (job_id, event): build the callback one event owes, then deliver it
+CALLBACK_TASK = "ivq.deliver_callback"  # (delivery): one more delivery attempt
 
 # Redis broker priorities: kombu keeps one list per step, named
 # "infer", "infer:3", "infer:6", "infer:9"; KEDA must count all of them.
@@ -47,35 +62,81 @@ EVENTS_TTL_S = 24 * 3600
 DEAD_LETTER_TTL_S = 14 * 24 * 3600
 
 
+def shard_of(job_id: str) -> int:
+    return zlib.crc32(job_id.encode()) % SHARDS
+
+
+def _tag(shard: int) -> str:
+    return f"{{{PREFIX}:{shard}}}"
+
+
+@dataclass(frozen=True)
+class ShardKeys:
+    """The indexes of one shard; the sweeper walks them, the transitions update them."""
+
+    leases: str  # sorted set: running job_id -> lease expiry (unix s); the sweeper requeues the late
+    queued: str  # sorted set: queued job_id -> when (re)queued; the sweeper re-sends a lost message
+    deadlines: str  # sorted set: queued job_id -> its deadline; the sweeper expires the late
+    notify: str  # sorted set: "job_id|event" -> time, for each callback owed whose notify has not run
+
+    @classmethod
+    def of(cls, shard: int) -> "ShardKeys":
+        t = _tag(shard)
+        return cls(leases=f"{t}:leases", queued=f"{t}:queued", deadlines=f"{t}:deadlines", notify=f"{t}:notify")
+
+
+@dataclass(frozen=True)
+class JobKeys:
+    """Every key one job's transitions touch, in the order the Lua scripts read `KEYS[]`."""
+
+    record: str  # hash: state, request JSON, timestamps, claim, result copy
+    events: str  # list of JSON events, one per transition
+    channel: str  # pub/sub channel announcing each event (not a key, but it shares the tag)
+    shard: ShardKeys
+
+    @classmethod
+    def of(cls, job_id: str) -> "JobKeys":
+        t = _tag(shard_of(job_id))
+        return cls(record=f"{t}:job:{job_id}", events=f"{t}:events:{job_id}", channel=f"{t}:chan:{job_id}",
+                   shard=ShardKeys.of(shard_of(job_id)))
+
+    def as_list(self) -> list[str]:
+        s = self.shard
+        return [self.record, self.events, self.channel, s.leases, s.queued, s.deadlines, s.notify]
+
+
 def job(job_id: str) -> str:
-    """Hash: the job record (state, request JSON, timestamps, claim, result preview)."""
-    return f"{PREFIX}:job:{job_id}"
+    """The job record (a hash)."""
+    return JobKeys.of(job_id).record
 
 
 def events(job_id: str) -> str:
-    """List of JSON events for one job (appended on each transition)."""
-    return f"{PREFIX}:events:{job_id}"
+    return JobKeys.of(job_id).events
 
 
 def events_channel(job_id: str) -> str:
-    """Pub/sub channel on which each transition of one job is announced."""
-    return f"{PREFIX}:chan:{job_id}"
+    return JobKeys.of(job_id).channel
 
 
-def idempotency(key: str) -> str:
-    return f"{PREFIX}:idem:{key}"
+def idempotency(key: str, shard: int) -> str:
+    """job_id of the job first submitted with this idempotency key (in the job's shard)."""
+    return f"{_tag(shard)}:idem:{key}"
 
 
-# Sorted set: job_id -> lease expiry (unix seconds) for every running job;
-# the sweeper requeues members whose lease has passed.
-LEASES = f"{PREFIX}:leases"
+def idempotency_shard(key: str) -> int:
+    """The shard a job submitted with this idempotency key lives in (so both keys share a slot)."""
+    return zlib.crc32(key.encode()) % SHARDS
 
-# Sorted set: "job_id|event" -> time, for every callback an event owes whose
-# notify task has not run yet; the sweeper re-sends the ones that linger.
-PENDING_NOTIFY = f"{PREFIX}:notify"
 
-# List of dead callback deliveries (JSON), for `internvl-queue callbacks dead/replay`.
-DEAD_CALLBACKS = f"{PREFIX}:callbacks:dead"
+def all_shards() -> list[ShardKeys]:
+    return [ShardKeys.of(n) for n in range(SHARDS)]
 
-# Hash of worker_id -> last heartbeat JSON, for operators.
-WORKERS = f"{PREFIX}:workers"
+
+def job_pattern() -> str:
+    """SCAN pattern matching every job record (operators and tests)."""
+    return f"{{{PREFIX}:*}}:job:*"
+
+
+# Keys outside the job state machine (one each; no script spans them and a job's keys).
+DEAD_CALLBACKS = f"{PREFIX}:callbacks:dead"  # list of dead callback deliveries (JSON)
+WORKERS = f"{PREFIX}:workers"  # hash: worker_id -> last heartbeat JSON, for operators

@@ -42,6 +42,9 @@ class ErrorCode(str, enum.Enum):
     poison = "poison"
     storage_unavailable = "storage_unavailable"
     internal_error = "internal_error"
+    # Raised by the client itself, never stored on a job.
+    not_found = "not_found"
+    broker_unavailable = "broker_unavailable"
 
 
 class JobState(str, enum.Enum):
@@ -54,9 +57,6 @@ class JobState(str, enum.Enum):
     @property
     def terminal(self) -> bool:
         return self in (JobState.succeeded, JobState.failed, JobState.cancelled)
-
-
-TERMINAL_STATES = frozenset(s.value for s in JobState if s.terminal)
 
 
 class _Strict(BaseModel):

@@ -31,8 +31,12 @@ RUNTIME_ERROR_CODES = frozenset({
 class RequestError(Exception):
     """A problem with one request (its media, its prompt, its size), never with the worker.
 
-    It fails that job only; `code` is the stable wire code the client sees.
+    It fails that job only; `code` is the stable wire code the client sees. The
+    shape (code, message, retryable) is the service's `ServiceError`'s, which this
+    package cannot import (it imports neither api_client nor worker).
     """
+
+    retryable = False
 
     def __init__(self, code: str, message: str) -> None:
         if code not in RUNTIME_ERROR_CODES:

@@ -5,7 +5,9 @@ A delivery is a small JSON-able dict that travels in the Celery message on the
 is looked up in Settings on each attempt. `handle_delivery` makes one attempt
 and says what happens next: None (done: delivered or dead-lettered) or the
 delivery to send again after a delay. The webhook-id is fixed when the delivery
-is built, so receivers can de-duplicate retries and replays.
+is built, so receivers can de-duplicate retries and replays. Which events get a
+callback is not decided here: the state machine recorded it with the transition
+(api_client/jobstate.py).
 """
 
 from __future__ import annotations
@@ -13,9 +15,8 @@ from __future__ import annotations
 import email.utils
 import http.client
 import json
-import random
 import time
-import uuid
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -25,6 +26,7 @@ import structlog
 from api_client import keys
 from api_client.schema import CallbackSpec
 from api_client.webhooks import signed_headers
+from worker.errors import backoff_delay
 from worker.netguard import ForbiddenURL, guarded_request
 
 if TYPE_CHECKING:
@@ -61,20 +63,26 @@ def _now_iso() -> str:
     return datetime.now(timezone.utc).isoformat()
 
 
-def new_webhook_id() -> str:
-    return f"msg_{uuid.uuid4().hex}"
+def event_webhook_id(job_id: str, event: str) -> str:
+    """Derived from the job and the event, so a duplicated notify yields the same id and receivers
+    can de-duplicate: one terminal callback per job, even under at-least-once delivery."""
+    return f"msg_{job_id}_{event}"
 
 
-def wants(callback: CallbackSpec, event: str) -> bool:
-    """Whether this callback subscribed to ``event`` (running, succeeded, failed, cancelled)."""
-    return event in callback.events
+@dataclass(frozen=True)
+class Attempt:
+    """What one delivery attempt came to; `retry` is the delivery to send again after `delay_s`."""
+
+    outcome: str  # delivered | retry | dead
+    retry: dict | None = None
+    delay_s: float = 0.0
 
 
 def build_delivery(job_id: str, event: str, payload: dict, callback: CallbackSpec) -> dict:
     """A new delivery for one job event; its webhook_id stays the same through retries and replays."""
     body = {"type": f"job.{event}", "timestamp": _now_iso(), "data": payload}
     return {
-        "webhook_id": new_webhook_id(),
+        "webhook_id": event_webhook_id(job_id, event),
         "job_id": job_id,
         "url": callback.url,
         "event": event,
@@ -83,12 +91,6 @@ def build_delivery(job_id: str, event: str, payload: dict, callback: CallbackSpe
         "attempt": 0,
         "created_at": _now_iso(),
     }
-
-
-def backoff_delay(attempt: int, *, base: float, cap: float, rng: random.Random | None = None) -> float:
-    """Exponential backoff with full jitter: uniform(0, min(cap, base * 2**attempt))."""
-    ceiling = min(cap, base * 2.0 ** min(max(attempt, 0), 62))
-    return (rng or random).uniform(0.0, ceiling)
 
 
 def redact_url(url: str) -> str:
@@ -125,8 +127,8 @@ def _retry_after_s(headers: dict[str, str]) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def handle_delivery(delivery: dict, *, settings: Settings, redis: Any) -> tuple[dict, float] | None:
-    """Make one attempt. Returns (next delivery, delay seconds) to retry, or None when finished."""
+def handle_delivery(delivery: dict, *, settings: Settings, redis: Any) -> Attempt:
+    """Make one attempt: delivered, dead-lettered, or to retry after a delay."""
     attempt = int(delivery.get("attempt", 0))
     blog = log.bind(
         job_id=delivery.get("job_id"),
@@ -140,8 +142,7 @@ def handle_delivery(delivery: dict, *, settings: Settings, redis: Any) -> tuple[
     if secret is None:
         reason = "no webhook secret configured" + (f" (name {secret_name!r})" if secret_name else "")
         blog.error("callback.no_secret", reason=reason)
-        dead_letter(redis, delivery, reason)
-        return None
+        return dead_letter(redis, delivery, reason)
 
     body = delivery["body"].encode("utf-8")
     try:
@@ -149,8 +150,7 @@ def handle_delivery(delivery: dict, *, settings: Settings, redis: Any) -> tuple[
         headers = signed_headers(secret, delivery["webhook_id"], body)
     except ValueError:
         blog.error("callback.bad_secret")
-        dead_letter(redis, delivery, "webhook secret is not valid whsec_<base64>")
-        return None
+        return dead_letter(redis, delivery, "webhook secret is not valid whsec_<base64>")
     headers.update({"content-type": "application/json", "user-agent": USER_AGENT})
 
     started = time.monotonic()
@@ -166,9 +166,8 @@ def handle_delivery(delivery: dict, *, settings: Settings, redis: Any) -> tuple[
             allow_private=settings.callback_allow_private,
         )
     except ForbiddenURL as exc:
-        blog.warning("callback.forbidden_url", reason=str(exc))
-        dead_letter(redis, delivery, f"forbidden url: {exc}")
-        return None
+        blog.warning("callback.forbidden_url", reason=exc.message)
+        return dead_letter(redis, delivery, f"forbidden url: {exc.message}")
     except (OSError, http.client.HTTPException) as exc:
         # Covers DNS failures, refused connections, TLS errors and timeouts (TimeoutError is an OSError).
         reason = f"network error: {type(exc).__name__}"
@@ -177,28 +176,26 @@ def handle_delivery(delivery: dict, *, settings: Settings, redis: Any) -> tuple[
         status = response.status
         if 200 <= status < 300:
             blog.info("callback.delivered", status=status, elapsed_ms=elapsed_ms)
-            return None
+            return Attempt("delivered")
         if 300 <= status < 400 or (400 <= status < 500 and status not in RETRYABLE_4XX):
             blog.warning("callback.rejected", status=status, elapsed_ms=elapsed_ms)
-            dead_letter(redis, delivery, f"receiver answered HTTP {status} (permanent)")
-            return None
+            return dead_letter(redis, delivery, f"receiver answered HTTP {status} (permanent)")
         reason = f"receiver answered HTTP {status}"
         if status in (429, 503):
             retry_after = _retry_after_s(response.headers)
 
     if attempt + 1 >= settings.callback_max_attempts:
         blog.warning("callback.exhausted", reason=reason)
-        dead_letter(redis, delivery, f"gave up after {attempt + 1} attempts; last: {reason}")
-        return None
+        return dead_letter(redis, delivery, f"gave up after {attempt + 1} attempts; last: {reason}")
     cap = settings.callback_backoff_cap_s
-    delay = backoff_delay(attempt, base=settings.callback_backoff_base_s, cap=cap)
+    delay = backoff_delay(attempt, base_s=settings.callback_backoff_base_s, cap_s=cap)
     if retry_after is not None:
         delay = min(cap, max(delay, retry_after))
     blog.info("callback.retry", reason=reason, delay_s=round(delay, 3))
-    return {**delivery, "attempt": attempt + 1}, delay
+    return Attempt("retry", {**delivery, "attempt": attempt + 1}, delay)
 
 
-def dead_letter(redis: Any, delivery: dict, reason: str) -> None:
+def dead_letter(redis: Any, delivery: dict, reason: str) -> Attempt:
     """Append a failed delivery to the dead-letter list (bounded; TTL refreshed on each push)."""
     entry = json.dumps({"delivery": delivery, "reason": reason, "failed_at": _now_iso()})
     pipe = redis.pipeline(transaction=True)
@@ -213,6 +210,7 @@ def dead_letter(redis: Any, delivery: dict, reason: str) -> None:
         attempt=delivery.get("attempt"),
         reason=reason,
     )
+    return Attempt("dead")
 
 
 def _decode(raw: bytes | str) -> dict:

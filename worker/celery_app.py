@@ -14,11 +14,17 @@ import os
 import threading
 from typing import Any
 
+import redis
 import structlog
 from celery import Celery, signals
 from kombu import Exchange, Queue
 
 from api_client import keys
+from api_client.dispatch import Dispatcher
+from api_client.jobstate import JobStore
+from worker.observability import Metrics
+from worker.pipeline import process_job
+from worker.runtime import WorkerRuntime
 from worker.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -58,6 +64,8 @@ def create_app(settings: Settings) -> Celery:
         worker_soft_shutdown_timeout=float(settings.drain_timeout_s),
     )
     app.ivq_settings = settings
+    app.ivq_metrics = Metrics()  # one per worker: its tasks and its runtime count into it
+    app.ivq_dispatch = Dispatcher(app)
     app.ivq_runtime = None
     app.ivq_redis = None
     _register_tasks(app)
@@ -66,58 +74,60 @@ def create_app(settings: Settings) -> Celery:
 
 def _register_tasks(app: Celery) -> None:
     settings: Settings = app.ivq_settings
+    dispatch: Dispatcher = app.ivq_dispatch
+    metrics: Metrics = app.ivq_metrics
 
     # shared=False: Celery's default would hand these closures (bound to this app's
     # runtime) to every app created later in the process, e.g. a second worker app.
     @app.task(name=keys.INFER_TASK, ignore_result=True, shared=False)
     def infer(job_id: str) -> str:
         runtime = app.ivq_runtime
-        if runtime is None:
+        if runtime is None or runtime.ctx is None:
             raise RuntimeError("this worker does not serve the infer queue (no model loaded)")
-        return runtime.process(job_id)
+        return process_job(runtime.ctx, job_id)
+
+    def attempt(delivery: dict) -> str:
+        """One delivery attempt, counted; a retry goes back on the callbacks queue."""
+        from worker.callbacks import handle_delivery
+
+        done = handle_delivery(delivery, settings=settings, redis=_redis(app))
+        metrics.callback_attempt(done.outcome)
+        if done.retry is not None:
+            dispatch.deliver(done.retry, countdown=done.delay_s)
+            return f"retry in {done.delay_s:.1f}s"
+        return done.outcome
 
     @app.task(name=keys.NOTIFY_TASK, ignore_result=True, shared=False)
     def notify(job_id: str, event: str) -> str:
         from worker.notify import build_event_delivery
 
-        redis_client = _redis(app)
-        delivery = build_event_delivery(redis_client, job_id, event)
-        outcome = "no-callback" if delivery is None else deliver_callback.run(delivery)
+        jobs = JobStore(_redis(app))
+        delivery = build_event_delivery(jobs, job_id, event)
+        outcome = "no-callback" if delivery is None else attempt(delivery)
         # Delivered, dead-lettered or scheduled for retry: this event's callback is no longer owed.
-        redis_client.zrem(keys.PENDING_NOTIFY, f"{job_id}|{event}")
+        jobs.callback_settled(job_id, event)
         return outcome
 
     @app.task(name=keys.CALLBACK_TASK, ignore_result=True, shared=False)
     def deliver_callback(delivery: dict) -> str:
-        from worker.callbacks import handle_delivery
-
-        nxt = handle_delivery(delivery, settings=settings, redis=_redis(app))
-        if nxt is None:
-            return "done"
-        retry, delay = nxt
-        app.send_task(keys.CALLBACK_TASK, args=[retry], queue=keys.CALLBACKS_QUEUE, countdown=delay)
-        return f"retry in {delay:.1f}s"
+        return attempt(delivery)
 
 
-def _redis(app: Celery) -> Any:
+def _redis(app: Celery) -> redis.Redis:
     if app.ivq_redis is None:
-        import redis
-
         app.ivq_redis = redis.Redis.from_url(app.ivq_settings.redis_url, socket_timeout=30,
                                              socket_connect_timeout=5, health_check_interval=30)
     return app.ivq_redis
 
 
-def start_runtime(app: Celery, *, load_model: bool | None = None) -> Any:
+def start_runtime(app: Celery, *, load_model: bool | None = None) -> WorkerRuntime:
     """Load the model, warm up and start the model thread, once (before consuming)."""
-    from worker.runtime import WorkerRuntime
-
     if app.ivq_runtime is not None:
         return app.ivq_runtime
     settings: Settings = app.ivq_settings
     if load_model is None:
         load_model = keys.INFER_QUEUE in settings.queues
-    runtime = WorkerRuntime(settings, send_task=app.send_task, load_model=load_model)
+    runtime = WorkerRuntime(settings, dispatch=app.ivq_dispatch, metrics=app.ivq_metrics, load_model=load_model)
     if settings.metrics_port is not None:
         from worker.observability import ObservabilityServer
 

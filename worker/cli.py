@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 
@@ -119,8 +120,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 def cmd_callbacks(args: argparse.Namespace) -> int:
     import redis
 
-    from api_client import keys
-    from api_client.client import producer_app
+    from api_client.dispatch import Dispatcher, producer_app
     from worker.callbacks import list_dead, take_dead
 
     url = args.redis_url or os.environ.get("IVQ_REDIS_URL")
@@ -134,20 +134,26 @@ def cmd_callbacks(args: argparse.Namespace) -> int:
                   f"{e['delivery']['webhook_id']}  job={e['delivery'].get('job_id')}  "
                   f"event={e['delivery']['event']}  reason={e['reason']}")
         return 0
-    app = producer_app(url)
+    dispatch = Dispatcher(producer_app(url))
     replayed = take_dead(r, args.webhook_id)
     for delivery in replayed:
-        app.send_task(keys.CALLBACK_TASK, args=[delivery], queue=keys.CALLBACKS_QUEUE)
+        dispatch.deliver(delivery)
     print(f"replayed {len(replayed)} deliveries")
     return 0
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from worker.celery_app import create_app, install_shutdown_hooks, start_runtime
-    from worker.observability import configure_logging
     from worker.settings import Settings
 
-    settings = Settings()
+    return serve_worker(Settings())
+
+
+def serve_worker(settings: Any, *, on_started: Callable[[Any], None] | None = None) -> int:
+    """Run one worker until it is told to stop. `on_started(runtime)` runs after the
+    model is loaded and warmed up, before the first message is taken."""
+    from worker.celery_app import create_app, install_shutdown_hooks, start_runtime
+    from worker.observability import configure_logging
+
     configure_logging(settings.log_level, static={"worker": settings.resolved_worker_id})
     embedded = None
     if not settings.redis_url:
@@ -158,7 +164,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
         print(f"embedded redis at {embedded.url} (set IVQ_REDIS_URL to use your own)", file=sys.stderr)
     app = create_app(settings)
     install_shutdown_hooks(app)
-    start_runtime(app)  # load + warm up before taking any message
+    runtime = start_runtime(app)  # load + warm up before taking any message
+    if on_started is not None:
+        on_started(runtime)
     worker = app.Worker(
         hostname=f"{settings.resolved_worker_id}@%h", pool="threads",
         concurrency=settings.resolved_concurrency, queues=settings.queues,
@@ -167,7 +175,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     try:
         worker.start()
     finally:
-        app.ivq_runtime.stop()
+        runtime.stop()
         if embedded:
             embedded.stop()
     return worker.exitcode or 0
@@ -262,10 +270,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except Exception as exc:  # one clear line for client errors, not a traceback
-        from api_client.errors import ApiError
+        from api_client.errors import ServiceError
 
-        if isinstance(exc, ApiError):
-            print(json.dumps({"error": {"code": exc.code, "message": str(exc)}}), file=sys.stderr)
+        if isinstance(exc, ServiceError):
+            print(json.dumps({"error": {"code": exc.code.value, "message": exc.message}}), file=sys.stderr)
             return 2
         raise
 

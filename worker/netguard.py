@@ -19,6 +19,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from api_client.errors import ServiceError
+from api_client.schema import ErrorCode
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 # Instance metadata endpoints: refused even when private targets are allowed.
@@ -36,8 +39,10 @@ _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _READ_CHUNK = 64 * 1024
 
 
-class ForbiddenURL(ValueError):
+class ForbiddenURL(ServiceError):
     """The URL may not be fetched (scheme, userinfo, or a non-public address); do not retry."""
+
+    code = ErrorCode.forbidden_url
 
 
 @dataclass(frozen=True)

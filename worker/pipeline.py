@@ -1,109 +1,123 @@
 """The path of one job through a worker, on its task thread.
 
-claim -> fetch media -> decode -> prepare prompt -> the model thread's queue -> wait
--> write result JSON to the store -> final transition (claim holder only)
--> announce the event. Errors rise to one place, `_handle_error`, which asks
-worker/errors.py what to do.
+claim (api_client/jobstate.py) → fetch media (worker/media_fetch.py) → decode
+and build the prompt (model_runtime) → the model thread's queue → wait on its
+future → write the result JSON (worker/results_store.py) → succeed (claim
+holder only) → announce the event (api_client/dispatch.py).
+
+Every error rises to one place, `_handle_error`, which asks worker/errors.py
+what happens next. `JobContext` holds what the path needs; WorkerRuntime
+builds it once, when the model is loaded.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
+from api_client.dispatch import Dispatcher
+from api_client.jobstate import Claim, JobStore
 from api_client.schema import ErrorCode, ImageItem, JobRequest, JobResult, Timings, Usage, VideoItem
-from worker.errors import Action, Draining, JobFailed, classify, retry_delay
-from worker.jobs import Claim, JobStore
+from worker.errors import Action, Draining, JobFailed, backoff_delay, classify
+from worker.held import HeldClaims
 from worker.model_thread import BatchOutcome
+from worker.netguard import guarded_request
+from worker.observability import Metrics
+from worker.settings import Settings
+from worker.storage import ObjectStore
 from worker.translate import chat_of, sampling_of
+
+if TYPE_CHECKING:
+    from model_runtime.loading import Loaded
+    from model_runtime.media import MediaLimits
+    from model_runtime.types import Prepared
 
 log = structlog.get_logger(__name__)
 
 PREVIEW_CHARS = 200
 STUCK_GRACE_S = 30.0
+RETRY_BASE_S, RETRY_CAP_S = 1.0, 60.0
 
 
-@dataclass
+class ModelQueue(Protocol):
+    """The task-thread side of the model thread's queue (worker/steploop.py, worker/batcher.py)."""
+
+    def announce(self) -> None: ...
+    def withdraw(self) -> None: ...
+    def submit(self, item: Prepared, *, announced: bool = False) -> Future[BatchOutcome]: ...
+
+
+@dataclass(frozen=True)
 class JobContext:
     """Everything the job path needs, built once per worker by WorkerRuntime."""
 
-    settings: Any
+    settings: Settings
     jobs: JobStore
-    store: Any  # worker.storage.ObjectStore
-    batcher: Any  # the model thread's queue: worker.steploop.StepLoop or worker.batcher.MicroBatcher
-    processor: Any
-    model_id: str
-    context_length: int | None
-    media_limits: Any  # model_runtime.media.MediaLimits
-    metrics: Any
-    enqueue: Callable[..., None]  # (job_id, priority, countdown=0)
-    notify: Callable[[Claim | str, str], None]  # (claim or job_id, event)
-    hold: Callable[[Claim], Callable[[], bool]]  # lease renewal starts; returns "was it cancelled?"
-    release: Callable[[Claim], None]  # lease renewal stops
+    held: HeldClaims
+    dispatch: Dispatcher
+    store: ObjectStore
+    queue: ModelQueue
+    loaded: Loaded
+    media_limits: MediaLimits
+    metrics: Metrics
     is_draining: Callable[[], bool]
-    fetch_https: Callable[[str, int], bytes] | None = None
 
 
 def process_job(ctx: JobContext, job_id: str) -> str:
     """Run one job end to end; returns what happened (for logs and tests)."""
-    outcome, claim = ctx.jobs.claim(job_id)
+    claimed = ctx.jobs.claim(job_id)
+    ctx.dispatch.announce(claimed)
+    claim = claimed.claim
     if claim is None:
-        log.info("job.not_claimed", job_id=job_id, outcome=outcome)
-        if outcome in ("expired", "poison"):
-            ctx.metrics.job_finished("failed", outcome)
-            ctx.notify(job_id, "failed")
-        return outcome
-    crash_on = getattr(ctx.settings, "crash_on_prompt", None)
-    if crash_on is not None and _first_text(claim.request_json) == crash_on:
-        log.error("job.crash_injected", job_id=job_id)
-        os._exit(137)  # test-only fault injection (IVQ_CRASH_ON_PROMPT): this job kills its worker
+        log.info("job.not_claimed", job_id=job_id, outcome=claimed.outcome)
+        if claimed.state == "failed":  # expired or poison, ended by the claim itself
+            ctx.metrics.job_finished("failed", claimed.outcome)
+        return claimed.outcome
     structlog.contextvars.bind_contextvars(job_id=job_id, attempt=claim.attempt)
     try:
         if ctx.is_draining():
             raise Draining()
-        cancelled = ctx.hold(claim)
-        ctx.notify(claim, "running")
+        lost = ctx.held.hold(claim)
         with ctx.metrics.track_in_flight():
-            return _run(ctx, claim, cancelled)
+            return _run(ctx, claim, lost)
     except Exception as exc:  # noqa: BLE001 - the one place errors are decided
         return _handle_error(ctx, claim, exc)
     finally:
-        ctx.release(claim)
+        ctx.held.release(claim)
         structlog.contextvars.unbind_contextvars("job_id", "attempt")
 
 
-def _run(ctx: JobContext, claim: Claim, cancelled: Callable[[], bool]) -> str:
+def _run(ctx: JobContext, claim: Claim, lost: Callable[[], bool]) -> str:
     from model_runtime.prompts import prepare  # the model stack loads only in workers
 
     started = time.time()
     deadline = time.monotonic() + ctx.settings.job_timeout_s
     queued_s = max(0.0, started - claim.queued_at)
     ctx.metrics.observe_job(queue_wait_s=queued_s)
-    ctx.batcher.announce()
+    ctx.queue.announce()
     try:
         request = JobRequest.model_validate_json(claim.request_json)
         media = {item.url: _decode(ctx, item) for item in request.media_items()}
         prepared = prepare(
-            ctx.processor, chat_of(request), media, sampling_of(request.generation), request_id=claim.job_id,
-            max_tiles=ctx.settings.max_tiles, context_length=ctx.context_length,
+            ctx.loaded.processor, chat_of(request), media, sampling_of(request.generation),
+            request_id=claim.job_id, max_tiles=ctx.settings.max_tiles, context_length=ctx.loaded.context_length,
         )
     except BaseException:
-        ctx.batcher.withdraw()
+        ctx.queue.withdraw()
         raise
     preprocess_s = time.time() - started
     ctx.metrics.observe_job(preprocess_s=preprocess_s)
     # The engine checks both at every step: a cancelled job stops using the GPU, a late one ends at its deadline.
-    prepared.cancelled, prepared.deadline = cancelled, deadline
-    future = ctx.batcher.submit(prepared, announced=True)
+    prepared.cancelled, prepared.deadline = lost, deadline
+    future = ctx.queue.submit(prepared, announced=True)
     # A failure of this request alone (model_runtime.types) is raised here and classified like any other.
     # The wait's own timeout only guards against a model thread that stopped stepping.
-    done: BatchOutcome = future.result(timeout=max(0.0, deadline - time.monotonic()) + STUCK_GRACE_S)
+    done = future.result(timeout=max(0.0, deadline - time.monotonic()) + STUCK_GRACE_S)
     ctx.metrics.observe_job(batch_wait_s=done.batch_wait_s)
     out = done.output
     result = JobResult(
@@ -113,39 +127,30 @@ def _run(ctx: JobContext, claim: Claim, cancelled: Callable[[], bool]) -> str:
         timings=Timings(queued_ms=queued_s * 1000, preprocess_ms=preprocess_s * 1000,
                         batch_wait_ms=done.batch_wait_s * 1000, generate_ms=out.generate_ms,
                         total_ms=(time.time() - claim.queued_at) * 1000),
-        batch_size=done.batch_size, batch_id=done.batch_id, model=ctx.model_id,
+        batch_size=done.batch_size, batch_id=done.batch_id, model=ctx.loaded.model_id,
         worker_id=ctx.jobs.worker_id, attempt=claim.attempt, metadata=request.metadata,
     )
-    body = result.model_dump(mode="json")
     if not ctx.jobs.holds(claim):  # cancelled or taken over while it ran: write nothing to the store
         log.warning("job.result_discarded", reason="claim lost before the result was written")
         return "discarded"
     key = f"results/{claim.job_id}.json"
-    url = ctx.store.put_json(key, body)
-    ok = ctx.jobs.succeed(claim, {
+    url = ctx.store.put_json(key, result.model_dump(mode="json"))
+    ended = ctx.jobs.succeed(claim, {
         "result": result.model_dump_json(), "output_preview": out.text[:PREVIEW_CHARS],
         "batch_size": str(done.batch_size), "result_url": url,
     })
-    if not ok:
+    if not ended.done:
         # Cancelled between the check above and the write: take the object back. (If it
         # was taken over instead, the new holder writes the same key; leave it.)
-        if ctx.jobs.state(claim.job_id) == "cancelled":
+        if ended.state == "cancelled":
             ctx.store.delete(key)
         log.warning("job.result_discarded", reason="claim lost (cancelled or taken over)")
         return "discarded"
     ctx.metrics.job_finished("succeeded", "")
     log.info("job.succeeded", batch_id=done.batch_id, batch_size=done.batch_size,
              completion_tokens=out.completion_tokens)
-    ctx.notify(claim, "succeeded")
+    ctx.dispatch.announce(ended)
     return "succeeded"
-
-
-def _first_text(request_json: str) -> str | None:
-    for message in json.loads(request_json).get("messages", []):
-        for item in message.get("content", []):
-            if item.get("type") == "text":
-                return item.get("text")
-    return None
 
 
 def _decode(ctx: JobContext, item: ImageItem | VideoItem) -> Any:
@@ -154,9 +159,7 @@ def _decode(ctx: JobContext, item: ImageItem | VideoItem) -> Any:
     limits = ctx.media_limits
     max_bytes = limits.max_image_bytes if isinstance(item, ImageItem) else limits.max_video_bytes
     if item.url.startswith(("https://", "http://")):
-        if ctx.fetch_https is None:
-            raise JobFailed(ErrorCode.forbidden_url, "http(s) media is disabled on this service; use s3://")
-        data = ctx.fetch_https(item.url, max_bytes)
+        data = _fetch_https(ctx.settings, item.url, max_bytes)
     else:
         data = ctx.store.get_bytes(item.url, max_bytes=max_bytes)
     if isinstance(item, ImageItem):
@@ -164,29 +167,45 @@ def _decode(ctx: JobContext, item: ImageItem | VideoItem) -> Any:
     return decode_video(data, limits, item.num_frames)
 
 
+def _fetch_https(settings: Settings, url: str, max_bytes: int) -> bytes:
+    if not settings.allow_https_media:
+        raise JobFailed("http(s) media is disabled on this service; use s3://", code=ErrorCode.forbidden_url)
+    resp = guarded_request("GET", url, headers={}, body=None, timeout_s=30, max_response_bytes=max_bytes + 1,
+                           allow_private=settings.callback_allow_private)
+    if resp.status == 404:
+        raise JobFailed(f"{resp.status} from media host", code=ErrorCode.media_not_found)
+    if resp.status >= 500:
+        raise JobFailed(f"{resp.status} from media host", code=ErrorCode.storage_unavailable, retryable=True)
+    if resp.status != 200:
+        raise JobFailed(f"{resp.status} from media host", code=ErrorCode.invalid_media)
+    if len(resp.body) > max_bytes:
+        raise JobFailed(f"media over {max_bytes} bytes", code=ErrorCode.media_too_large)
+    return resp.body
+
+
 def _handle_error(ctx: JobContext, claim: Claim, exc: BaseException) -> str:
     c = classify(exc)
-    settings = ctx.settings
     if c.action is Action.REQUEUE:
         if ctx.jobs.requeue(claim, "draining", count_attempt=False):
-            ctx.enqueue(claim.job_id, claim.priority)
+            ctx.dispatch.run_job(claim.job_id, claim.priority)
         log.info("job.handed_back", reason=c.message)
         return "handed_back"
-    if c.action is Action.RETRY and claim.attempt < settings.max_attempts:
-        delay = retry_delay(claim.attempt, base_s=1.0, cap_s=60.0)
+    if c.action is Action.RETRY and claim.attempt < ctx.settings.max_attempts:
+        delay = backoff_delay(claim.attempt, base_s=RETRY_BASE_S, cap_s=RETRY_CAP_S)
         if ctx.jobs.requeue(claim, c.code.value, count_attempt=True):
             ctx.metrics.job_retried(c.code.value)
-            ctx.enqueue(claim.job_id, claim.priority, countdown=delay)
+            ctx.dispatch.run_job(claim.job_id, claim.priority, countdown=delay)
         log.warning("job.retry", code=c.code.value, error=c.message, delay_s=round(delay, 2))
         return "retry"
-    if c.code is ErrorCode.cancelled:  # the claim is gone (cancelled or taken over): nothing left to write
+    if c.action is Action.STOP:  # the claim is gone (cancelled or taken over): nothing left to write
         log.info("job.stopped", reason=c.message)
         return "cancelled"
     message = c.message if c.action is Action.FAIL else f"gave up after {claim.attempt} attempts: {c.message}"
     if c.code is ErrorCode.internal_error:
         log.exception("job.internal_error", exc_info=exc)
-    if ctx.jobs.fail(claim, c.code.value, message):
+    ended = ctx.jobs.fail(claim, c.code.value, message)
+    if ended.done:
         ctx.metrics.job_finished("failed", c.code.value)
-        ctx.notify(claim, "failed")
+        ctx.dispatch.announce(ended)
     log.info("job.failed", code=c.code.value, error=message)
     return "failed"

@@ -74,9 +74,6 @@ class Settings(BaseSettings):
     max_crashes: int = 3
     drain_timeout_s: int = 60
     job_timeout_s: float = 600.0
-    # Test-only fault injection: a worker that claims a job whose first text
-    # item equals this calls os._exit(137), as if the job crashed it (poison test).
-    crash_on_prompt: str | None = None
 
     # Callbacks.
     webhook_secret: SecretStr | None = None  # whsec_<base64>

@@ -29,6 +29,9 @@ from botocore.exceptions import (
     NoCredentialsError,
 )
 
+from api_client.errors import ServiceError
+from api_client.schema import ErrorCode
+
 _CHUNK = 1024 * 1024
 MAX_JSON_BYTES = 64 * 1024 * 1024  # a result JSON is small; this only bounds a corrupt one
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
@@ -41,20 +44,26 @@ _TRANSIENT_CODES = {
 }  # fmt: skip
 
 
-class StorageError(Exception):
+class StorageError(ServiceError):
     """Base of every storage failure; a bare one is permanent and unexpected."""
 
 
 class MediaNotFound(StorageError):
     """The object, bucket or file does not exist."""
 
+    code = ErrorCode.media_not_found
+
 
 class MediaTooLarge(StorageError):
     """The object is larger than the limit; it was not (fully) downloaded."""
 
+    code = ErrorCode.media_too_large
+
 
 class ForbiddenMedia(StorageError):
     """The URL points outside what this worker may read."""
+
+    code = ErrorCode.forbidden_url
 
 
 class InvalidMediaUrl(ForbiddenMedia):
@@ -63,6 +72,9 @@ class InvalidMediaUrl(ForbiddenMedia):
 
 class StorageUnavailable(StorageError):
     """Transient: 5xx, throttling, timeout, connection failure. The caller retries."""
+
+    code = ErrorCode.storage_unavailable
+    retryable = True
 
 
 def default_boto_config() -> Config:

@@ -58,10 +58,18 @@ def worker_env(
     return env
 
 
-class WorkerProc:
-    """One worker process. `worker_id` must be unique per start (it keys the heartbeat)."""
+WORKER_COMMAND = ("-m", "worker.cli", "worker")
 
-    def __init__(self, env: dict[str, str], log_dir: Path, worker_id: str):
+
+class WorkerProc:
+    """One worker process. `worker_id` must be unique per start (it keys the heartbeat).
+
+    `command` (python arguments) defaults to the real `internvl-queue worker`; a test
+    that needs a fault runs its own entry point around it (tests/faults/crashing_worker.py)."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path, worker_id: str,
+                 command: tuple[str, ...] = WORKER_COMMAND):
+        self.command = command
         self.env = {**env, "IVQ_WORKER_ID": worker_id}
         self.worker_id = worker_id
         self.log_path = Path(log_dir) / f"{worker_id}.log"
@@ -72,7 +80,7 @@ class WorkerProc:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "worker.cli", "worker"], env=self.env, cwd=REPO_ROOT,
+                [sys.executable, *self.command], env=self.env, cwd=REPO_ROOT,
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
         self.started_at = time.monotonic()
@@ -144,8 +152,10 @@ class WorkerProc:
 class Supervisor:
     """Keeps one worker running: when it exits (for any reason), start a new one."""
 
-    def __init__(self, env: dict[str, str], log_dir: Path, name: str, redis_url: str):
+    def __init__(self, env: dict[str, str], log_dir: Path, name: str, redis_url: str,
+                 command: tuple[str, ...] = WORKER_COMMAND):
         self.env, self.log_dir, self.name, self.redis_url = env, log_dir, name, redis_url
+        self.command = command
         self.generation = 0
         self.exits: list[int] = []  # return codes of the workers that died
         self.current: WorkerProc | None = None
@@ -155,7 +165,7 @@ class Supervisor:
 
     def _spawn(self) -> WorkerProc:
         self.generation += 1
-        proc = WorkerProc(self.env, self.log_dir, f"{self.name}-{self.generation}").start()
+        proc = WorkerProc(self.env, self.log_dir, f"{self.name}-{self.generation}", self.command).start()
         with self._lock:
             self.current = proc
         return proc

@@ -19,7 +19,6 @@ from collections.abc import Iterator
 import pytest
 
 from api_client import JobClient, JobRequest, RequestRejected, keys
-from api_client.records import Records
 from api_client.schema import MAX_MEDIA_ITEMS, MAX_REQUEST_BYTES, MAX_TEXT_CHARS
 from api_client.webhooks import generate_secret
 from model_runtime.samples import make_sample_image, make_sample_video
@@ -139,7 +138,7 @@ def test_bad_input_corpus(svc):
         with pytest.raises(RequestRejected) as info:
             client.submit(req)
         rows.append((name, "submit", "invalid_request", info.value.code))
-    assert not list(redis.scan_iter(f"{keys.PREFIX}:job:*")), "a rejected request left a record"
+    assert not list(redis.scan_iter(keys.job_pattern())), "a rejected request left a record"
 
     cases = worker_cases(s3, svc["media_root"])
     neighbour = JobRequest.simple("neighbour", images=[good_url], generation={"max_new_tokens": 4})
@@ -222,14 +221,14 @@ def callback_cases(svc) -> list[tuple[str, str, str, str]]:
 def test_deadline_passed_while_queued_expires_without_running(svc):
     client = svc["client"]
     job_id = "deadline-demo"
-    Records(client.redis).create(job_id, JobRequest.simple("late").model_dump_json(), now=time.time(), priority=0,
+    client.jobs.create(job_id, JobRequest.simple("late").model_dump_json(), now=time.time(), priority=0,
                                  deadline=time.time() + 0.3, idempotency_key=None)
     time.sleep(0.6)  # the deadline passes while the job sits in the queue
-    client.enqueue(job_id)
+    client.dispatch.run_job(job_id)
     s = client.wait(job_id, timeout=30)
     assert s.state.value == "failed" and s.error.code.value == "expired"
     assert s.attempts == 0 and s.started_at is None  # never claimed, never reached the model
-    assert [e["state"] for e in client.records.events(job_id)] == ["queued", "failed"]
+    assert [e["state"] for e in client.jobs.events(job_id)] == ["queued", "failed"]
 
 
 def test_cancel_a_running_job_discards_its_result(svc):
@@ -246,6 +245,6 @@ def test_cancel_a_running_job_discards_its_result(svc):
         time.sleep(0.1)
     s = client.status(job_id)
     assert s.state.value == "cancelled" and client.result(job_id) is None and s.result_url is None
-    assert [e["state"] for e in client.records.events(job_id)] == ["queued", "running", "cancelled"]
+    assert [e["state"] for e in client.jobs.events(job_id)] == ["queued", "running", "cancelled"]
     listed = s3.list_objects_v2(Bucket=RESULTS, Prefix=f"ivq/results/{job_id}").get("KeyCount", 0)
     assert listed == 0, "a cancelled job's result was written to the store"

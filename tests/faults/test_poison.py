@@ -1,8 +1,8 @@
 """A poison job that kills its worker every time ends `failed: poison`; the jobs behind it succeed.
 
-The crash is injected with IVQ_CRASH_ON_PROMPT (a test-only setting: the
-worker calls os._exit(137) right after claiming a job whose first text item
-matches). A supervisor restarts the worker after each death, as Kubernetes
+The crash comes from the test's own entry point around the real worker
+(tests/faults/crashing_worker.py): it calls os._exit(137) right after claiming
+a job whose first text item matches. A supervisor restarts the worker after each death, as Kubernetes
 would. Each death leaves the job `running` with a lease nobody renews; the
 next worker's sweeper counts a crash and re-queues it, and at
 IVQ_MAX_CRASHES it ends the job as poison instead of feeding it to yet
@@ -26,9 +26,10 @@ GOOD = 10
 
 def test_poison_job_fails_after_max_crashes_and_the_queue_keeps_moving(redis_srv, client, model_cache, tmp_path):
     env = worker_env(redis_url=redis_srv.url, data_dir=tmp_path / "data", model_cache_dir=model_cache,
-                     crash_on_prompt=POISON, max_crashes=MAX_CRASHES, lease_s=3, visibility_timeout_s=10,
+                     max_crashes=MAX_CRASHES, lease_s=3, visibility_timeout_s=10,
                      max_batch_size=4, max_wait_ms=50, warmup=False)
-    sup = Supervisor(env, tmp_path / "logs", "sup", redis_srv.url).start()
+    sup = Supervisor(env, tmp_path / "logs", "sup", redis_srv.url,
+                     command=("-m", "tests.faults.crashing_worker", POISON)).start()
     try:
         t0 = time.monotonic()
         poison = client.submit(JobRequest.simple(POISON, generation={"max_new_tokens": 4}))
@@ -52,11 +53,11 @@ def test_poison_job_fails_after_max_crashes_and_the_queue_keeps_moving(redis_srv
 
     p = final[poison]
     assert p.state.value == "failed" and p.error.code is ErrorCode.poison, p
-    assert int(client.records.raw(poison)["crashes"]) == MAX_CRASHES
+    assert int(client.jobs.raw(poison)["crashes"]) == MAX_CRASHES
     assert poison_exits == [137] * MAX_CRASHES, poison_exits  # one death per delivery, then no more
     assert all(final[j].state.value == "succeeded" for j in good), \
         {j: (final[j].state.value, final[j].error) for j in good if final[j].state.value != "succeeded"}
-    innocent_crashes = sum(int(client.records.raw(j).get("crashes", 0)) for j in good)
+    innocent_crashes = sum(int(client.jobs.raw(j).get("crashes", 0)) for j in good)
     assert client.result(poison) is None
     record(f"poison: 1 poison + {GOOD} good jobs; worker deaths {len(poison_exits)} (exit codes {poison_exits}, each restarted), "
            f"poison failed with code poison after {MAX_CRASHES} crashes; good "

@@ -61,7 +61,7 @@ def test_redis_restart_loses_nothing_and_client_fails_fast_while_down(redis_srv,
     # An outage shorter than the lease costs no re-run and counts no crash: the
     # claim holders finish their jobs once Redis is back.
     retried = sum(1 for j in before if final[j].attempts > 1)
-    crashes = sum(int(client.records.raw(j).get("crashes", 0)) for j in before)
+    crashes = sum(int(client.jobs.raw(j).get("crashes", 0)) for j in before)
     assert (retried, crashes) == (0, 0)
     record(f"redis restart: {JOBS} jobs before (at the restart: {at_restart}), outage {outage_s:.1f}s, 5 after; "
            f"succeeded {JOBS + 5}, lost 0, re-run after the outage {retried}; client refused in "

@@ -11,7 +11,6 @@ import time
 from collections import defaultdict
 
 from api_client import JobRequest
-from api_client.records import Records
 from api_client.webhooks import generate_secret
 from tests.faults.common import record, wait_all
 from tests.faults.netfaults import WebhookReceiver
@@ -38,7 +37,7 @@ def test_callbacks_survive_a_receiver_outage_with_stable_ids(redis_srv, client, 
     missing = f"file://{(tmp_path / 'data' / 'store' / 'nope.jpg').resolve()}"
     failed = client.submit(JobRequest.simple("fails", images=[missing], callback=cb))
     cancelled = "hook-cancelled"
-    Records(client.redis).create(cancelled, JobRequest.simple("never runs", callback=cb).model_dump_json(),
+    client.jobs.create(cancelled, JobRequest.simple("never runs", callback=cb).model_dump_json(),
                                  now=time.time(), priority=0, deadline=None, idempotency_key=None)
     client.cancel(cancelled)
     final = wait_all(client, [*ids, failed], timeout=60)

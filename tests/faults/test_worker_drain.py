@@ -50,7 +50,7 @@ def test_sigterm_finishes_the_batch_in_flight_and_hands_back_the_rest(redis_srv,
     finished_in_drain = [j for j in running if final[j].worker_id == "leaving" and final[j].finished_at > t_term]
     assert finished_in_drain, "no job of the in-flight batch completed during the drain"
     # Everything it had claimed but not yet batched went back, uncounted, and the other worker ran it.
-    handed_back = [j for j in ids if any(ev.get("retry_of") == "draining" for ev in client.records.events(j))]
+    handed_back = [j for j in ids if any(ev.get("retry_of") == "draining" for ev in client.jobs.events(j))]
     assert all(final[j].worker_id == "staying" for j in handed_back)
     assert all(s.attempts == 1 for s in final.values()), {j: s.attempts for j, s in final.items() if s.attempts != 1}
     record(f"sigterm: {JOBS} jobs, {len(running)} running on the worker at SIGTERM, {len(finished_in_drain)} "

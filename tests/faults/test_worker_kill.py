@@ -74,7 +74,7 @@ def test_sigkill_with_jobs_in_flight_every_job_succeeds_exactly_once(s3_server, 
     # Jobs the victim was running were taken over after their lease expired.
     taken_over = [j for j in running_on_victim if final[j].worker_id == "survivor"]
     assert len(taken_over) == in_flight
-    lease_requeues = sum(1 for j in ids for ev in client.records.events(j) if ev.get("retry_of") == "lease_expired")
+    lease_requeues = sum(1 for j in ids for ev in client.jobs.events(j) if ev.get("retry_of") == "lease_expired")
     assert lease_requeues >= in_flight
 
     # Exactly one current result object per job, and it is the recorded one.

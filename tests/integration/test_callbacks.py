@@ -16,7 +16,7 @@ from api_client import keys
 from api_client.schema import CallbackSpec
 from api_client.webhooks import WebhookVerificationError, generate_secret, verify
 from worker.embedded import free_port
-from worker.callbacks import build_delivery, handle_delivery, list_dead, take_dead, wants
+from worker.callbacks import build_delivery, handle_delivery, list_dead, take_dead
 from worker.settings import Settings
 
 SECRET = generate_secret()
@@ -86,9 +86,9 @@ def _settings(redis_url: str, **overrides) -> Settings:
     return Settings(**values)
 
 
-def _delivery(url: str, secret_name: str | None = None, event: str = "succeeded") -> dict:
+def _delivery(url: str, secret_name: str | None = None, event: str = "succeeded", job_id: str = "job-123") -> dict:
     spec = CallbackSpec(url=url, secret_name=secret_name)
-    return build_delivery("job-123", event, {"job_id": "job-123", "state": event}, spec)
+    return build_delivery(job_id, event, {"job_id": job_id, "state": event}, spec)
 
 
 def test_build_delivery_shape():
@@ -96,17 +96,16 @@ def test_build_delivery_shape():
     delivery = build_delivery("job-1", "failed", {"job_id": "job-1"}, spec)
     assert json.loads(json.dumps(delivery)) == delivery  # travels as JSON
     assert delivery["webhook_id"].startswith("msg_") and delivery["attempt"] == 0
-    assert delivery["webhook_id"] != build_delivery("job-1", "failed", {}, spec)["webhook_id"]
+    # One id per (job, event): a duplicated notify is the same message to the receiver.
+    assert delivery["webhook_id"] == build_delivery("job-1", "failed", {}, spec)["webhook_id"]
+    assert delivery["webhook_id"] != build_delivery("job-1", "succeeded", {}, spec)["webhook_id"]
     body = json.loads(delivery["body"])
     assert body["type"] == "job.failed" and body["data"] == {"job_id": "job-1"} and "T" in body["timestamp"]
-    assert wants(spec, "failed") and not wants(spec, "succeeded")
-    assert wants(CallbackSpec(url="https://h.example.com/"), "succeeded")
-    assert not wants(CallbackSpec(url="https://h.example.com/"), "running")
 
 
 def test_delivered_and_verified_by_both_implementations(redis_url, r, receiver):
     delivery = _delivery(receiver.url)
-    assert handle_delivery(delivery, settings=_settings(redis_url), redis=r) is None
+    assert handle_delivery(delivery, settings=_settings(redis_url), redis=r).outcome == "delivered"
     assert len(receiver.requests) == 1
     path, headers, body = receiver.requests[0]
     assert path == "/hooks/ivq?token=tok123"
@@ -120,7 +119,7 @@ def test_delivered_and_verified_by_both_implementations(redis_url, r, receiver):
 
 def test_named_secret_is_used(redis_url, r, receiver):
     delivery = _delivery(receiver.url, secret_name="tenant-b")
-    assert handle_delivery(delivery, settings=_settings(redis_url), redis=r) is None
+    assert handle_delivery(delivery, settings=_settings(redis_url), redis=r).outcome == "delivered"
     _, headers, body = receiver.requests[0]
     assert verify(OTHER_SECRET, headers, body)["type"] == "job.succeeded"
     with pytest.raises(WebhookVerificationError):
@@ -132,14 +131,15 @@ def test_retries_keep_webhook_id_then_succeed(redis_url, r, receiver):
     settings = _settings(redis_url)
     delivery = _delivery(receiver.url)
     first = handle_delivery(delivery, settings=settings, redis=r)
-    assert first is not None
-    retry1, delay1 = first
+    assert first.outcome == "retry"
+    retry1, delay1 = first.retry, first.delay_s
     assert retry1["attempt"] == 1 and retry1["webhook_id"] == delivery["webhook_id"]
     assert 0.0 <= delay1 <= 0.5
-    retry2, delay2 = handle_delivery(retry1, settings=settings, redis=r)
+    second = handle_delivery(retry1, settings=settings, redis=r)
+    retry2, delay2 = second.retry, second.delay_s
     assert retry2["attempt"] == 2 and retry2["webhook_id"] == delivery["webhook_id"]
     assert 0.0 <= delay2 <= 1.0
-    assert handle_delivery(retry2, settings=settings, redis=r) is None
+    assert handle_delivery(retry2, settings=settings, redis=r).outcome == "delivered"
     ids = {headers["webhook-id"] for _, headers, _ in receiver.requests}
     assert len(receiver.requests) == 3 and ids == {delivery["webhook_id"]}
     for _, headers, body in receiver.requests:  # every attempt is validly signed
@@ -151,24 +151,23 @@ def test_retries_keep_webhook_id_then_succeed(redis_url, r, receiver):
 def test_transient_statuses_retry(redis_url, r, receiver, status):
     receiver.script = [status]
     result = handle_delivery(_delivery(receiver.url), settings=_settings(redis_url), redis=r)
-    assert result is not None and result[0]["attempt"] == 1
+    assert result.outcome == "retry" and result.retry["attempt"] == 1
     assert list_dead(r) == []
 
 
 def test_retry_after_is_honoured_up_to_the_cap(redis_url, r, receiver):
     receiver.script = [(503, {"Retry-After": "7"}), (429, {"Retry-After": "999"})]
     settings = _settings(redis_url)
-    retry, delay = handle_delivery(_delivery(receiver.url), settings=settings, redis=r)
-    assert 7.0 <= delay <= 30.0
-    _, delay = handle_delivery(retry, settings=settings, redis=r)
-    assert delay == 30.0  # callback_backoff_cap_s
+    first = handle_delivery(_delivery(receiver.url), settings=settings, redis=r)
+    assert 7.0 <= first.delay_s <= 30.0
+    assert handle_delivery(first.retry, settings=settings, redis=r).delay_s == 30.0  # callback_backoff_cap_s
 
 
 @pytest.mark.parametrize("status", [400, 401, 404, 410, 301])
 def test_permanent_statuses_dead_letter_at_once(redis_url, r, receiver, status):
     receiver.script = [status]
     delivery = _delivery(receiver.url)
-    assert handle_delivery(delivery, settings=_settings(redis_url), redis=r) is None
+    assert handle_delivery(delivery, settings=_settings(redis_url), redis=r).outcome == "dead"
     assert len(receiver.requests) == 1
     [entry] = list_dead(r)
     assert entry["delivery"]["webhook_id"] == delivery["webhook_id"]
@@ -179,12 +178,13 @@ def test_permanent_statuses_dead_letter_at_once(redis_url, r, receiver, status):
 def test_exhausted_attempts_dead_letter(redis_url, r, receiver):
     receiver.script = [500] * 10
     settings = _settings(redis_url, callback_max_attempts=3)
-    step = (_delivery(receiver.url), 0.0)
+    delivery: dict | None = _delivery(receiver.url)
     outcomes = []
-    while step is not None:
-        step = handle_delivery(step[0], settings=settings, redis=r)
-        outcomes.append(step)
-    assert len(receiver.requests) == 3 and outcomes[-1] is None
+    while delivery is not None:
+        step = handle_delivery(delivery, settings=settings, redis=r)
+        outcomes.append(step.outcome)
+        delivery = step.retry
+    assert len(receiver.requests) == 3 and outcomes == ["retry", "retry", "dead"]
     [entry] = list_dead(r)
     assert entry["delivery"]["attempt"] == 2 and "3 attempts" in entry["reason"]
 
@@ -192,23 +192,23 @@ def test_exhausted_attempts_dead_letter(redis_url, r, receiver):
 def test_network_error_retries_then_dead_letters(redis_url, r):
     url = f"http://127.0.0.1:{free_port()}/nobody-home"
     settings = _settings(redis_url, callback_max_attempts=2)
-    retry, _ = handle_delivery(_delivery(url), settings=settings, redis=r)
+    retry = handle_delivery(_delivery(url), settings=settings, redis=r).retry
     assert retry["attempt"] == 1
-    assert handle_delivery(retry, settings=settings, redis=r) is None
+    assert handle_delivery(retry, settings=settings, redis=r).outcome == "dead"
     assert "network error" in list_dead(r)[0]["reason"]
 
 
 def test_forbidden_url_dead_letters_without_request(redis_url, r, receiver):
     settings = _settings(redis_url, callback_allow_private=False)
-    assert handle_delivery(_delivery(receiver.url), settings=settings, redis=r) is None
+    assert handle_delivery(_delivery(receiver.url), settings=settings, redis=r).outcome == "dead"
     assert receiver.requests == []
     assert list_dead(r)[0]["reason"].startswith("forbidden url")
 
 
 def test_missing_secret_dead_letters(redis_url, r, receiver):
     settings = _settings(redis_url, webhook_secret=None)
-    assert handle_delivery(_delivery(receiver.url), settings=settings, redis=r) is None
-    assert handle_delivery(_delivery(receiver.url, secret_name="nope"), settings=settings, redis=r) is None
+    assert handle_delivery(_delivery(receiver.url), settings=settings, redis=r).outcome == "dead"
+    assert handle_delivery(_delivery(receiver.url, secret_name="nope"), settings=settings, redis=r).outcome == "dead"
     assert receiver.requests == []
     reasons = [e["reason"] for e in list_dead(r)]
     assert len(reasons) == 2 and all("no webhook secret" in reason for reason in reasons)
@@ -217,9 +217,9 @@ def test_missing_secret_dead_letters(redis_url, r, receiver):
 def test_list_and_take_dead_round_trip(redis_url, r, receiver):
     receiver.script = [400, 400, 400]
     settings = _settings(redis_url)
-    deliveries = [_delivery(receiver.url) for _ in range(3)]
+    deliveries = [_delivery(receiver.url, job_id=f"job-{i}") for i in range(3)]
     for delivery in deliveries:
-        assert handle_delivery({**delivery, "attempt": 2}, settings=settings, redis=r) is None
+        assert handle_delivery({**delivery, "attempt": 2}, settings=settings, redis=r).outcome == "dead"
     assert [e["delivery"]["webhook_id"] for e in list_dead(r)] == [d["webhook_id"] for d in deliveries]
     assert len(list_dead(r, limit=2)) == 2
 
@@ -230,7 +230,7 @@ def test_list_and_take_dead_round_trip(redis_url, r, receiver):
     assert take_dead(r, "msg_unknown") == []
 
     # A replayed delivery goes out again under its original webhook-id.
-    assert handle_delivery(one, settings=settings, redis=r) is None
+    assert handle_delivery(one, settings=settings, redis=r).outcome == "delivered"  # the script ran out: 200
     assert receiver.requests[-1][1]["webhook-id"] == deliveries[1]["webhook_id"]
 
     rest = take_dead(r)
@@ -266,7 +266,7 @@ def test_logs_carry_ids_but_no_secret_or_query(redis_url, r, receiver):
     receiver.script = [500, 400]
     settings = _settings(redis_url)
     with capture_logs() as logs:
-        retry, _ = handle_delivery(_delivery(receiver.url), settings=settings, redis=r)
+        retry = handle_delivery(_delivery(receiver.url), settings=settings, redis=r).retry
         handle_delivery(retry, settings=settings, redis=r)
     events = [entry["event"] for entry in logs]
     assert "callback.retry" in events and "callback.dead_letter" in events

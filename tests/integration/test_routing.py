@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from api_client import keys
-from api_client.client import producer_app
+from api_client.dispatch import Dispatcher, producer_app
 from worker.celery_app import create_app
 from worker.settings import Settings
 
 
 def _lengths(redis_client) -> dict[str, int]:
-    return {q: redis_client.llen(q) for q in (keys.INFER_QUEUE, keys.CALLBACKS_QUEUE)}
+    infer = sum(redis_client.llen(q) for q in keys.infer_queue_lists())  # one list per priority step
+    return {keys.INFER_QUEUE: infer, keys.CALLBACKS_QUEUE: redis_client.llen(keys.CALLBACKS_QUEUE)}
 
 
 def _declare_worker_queues(redis_url: str) -> None:
@@ -24,16 +25,19 @@ def test_producer_and_worker_apps_route_each_task_to_one_queue(redis_url, redis_
     for app in (producer_app(redis_url), create_app(Settings(redis_url=redis_url))):
         redis_client.flushdb()
         _declare_worker_queues(redis_url)
-        app.send_task(keys.INFER_TASK, args=["job-a"], queue=keys.INFER_QUEUE)
+        dispatch = Dispatcher(app)
+        dispatch.run_job("job-a")
         assert _lengths(redis_client) == {keys.INFER_QUEUE: 1, keys.CALLBACKS_QUEUE: 0}
-        app.send_task(keys.NOTIFY_TASK, args=["job-a", "succeeded"], queue=keys.CALLBACKS_QUEUE)
+        dispatch.resend_notify("job-a", "succeeded")
         assert _lengths(redis_client) == {keys.INFER_QUEUE: 1, keys.CALLBACKS_QUEUE: 1}
+        dispatch.deliver({"webhook_id": "msg_x"})
+        assert _lengths(redis_client) == {keys.INFER_QUEUE: 1, keys.CALLBACKS_QUEUE: 2}
 
 
 def test_priorities_use_the_documented_sub_queues(redis_url, redis_client):
-    app = producer_app(redis_url)
-    app.send_task(keys.INFER_TASK, args=["urgent"], queue=keys.INFER_QUEUE, priority=keys.celery_priority(9))
-    app.send_task(keys.INFER_TASK, args=["normal"], queue=keys.INFER_QUEUE, priority=keys.celery_priority(0))
+    dispatch = Dispatcher(producer_app(redis_url))
+    dispatch.run_job("urgent", 9)
+    dispatch.run_job("normal", 0)
     lists = {name: redis_client.llen(name) for name in keys.infer_queue_lists()}
     assert sum(lists.values()) == 2
     assert lists[keys.INFER_QUEUE] == 1  # most urgent lands in the list served first

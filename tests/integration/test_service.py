@@ -121,22 +121,20 @@ def test_malformed_request_is_refused_at_submit(client):
 
 
 def test_cancel_a_queued_job_before_it_runs(service, client, redis_url):
-    from api_client.records import Records
-
+    
     # A record with no Celery message yet: it stays queued until we cancel it.
-    records = Records(client.redis)
-    records.create("cancel-me", JobRequest.simple("x").model_dump_json(), now=time.time(), priority=0,
+    client.jobs.create("cancel-me", JobRequest.simple("x").model_dump_json(), now=time.time(), priority=0,
                    deadline=None, idempotency_key=None)
     status = client.cancel("cancel-me")
     assert status.state.value == "cancelled" and status.error.code is ErrorCode.cancelled
-    client.enqueue("cancel-me")  # a late message for it is dropped by the claim
+    client.dispatch.run_job("cancel-me")  # a late message for it is dropped by the claim
     time.sleep(1.0)
     assert client.status("cancel-me").state.value == "cancelled"
     assert client.result("cancel-me") is None
 
 
 def test_a_running_job_cancelled_leaves_the_gpu_within_a_poll_and_a_step(service, client):
-    engine = service["runtime"].engine
+    engine = service["runtime"].model_thread.engine
     pinned = {"max_new_tokens": 4000, "min_new_tokens": 4000}  # thousands of decode steps each
     job_id = client.submit(JobRequest.simple("go on and on", generation=pinned))
     other = client.submit(JobRequest.simple("and so do I", generation=pinned))
@@ -168,9 +166,8 @@ def test_idempotency_key_returns_the_same_job(service, client):
 
 def test_wait_times_out_cleanly(client):
     from api_client import WaitTimeout
-    from api_client.records import Records
-
-    Records(client.redis).create("never-run", JobRequest.simple("x").model_dump_json(), now=time.time(),
+    
+    client.jobs.create("never-run", JobRequest.simple("x").model_dump_json(), now=time.time(),
                                  priority=0, deadline=None, idempotency_key=None)
     t0 = time.monotonic()
     with pytest.raises(WaitTimeout):

@@ -14,8 +14,8 @@ from api_client.client import JobClient
 from api_client.errors import RequestRejected
 
 PUBLIC = {
-    "ApiError", "BrokerUnavailable", "CallbackSpec", "ErrorCode", "GenerationParams", "ImageItem", "JobClient",
-    "JobError", "JobNotFound", "JobRequest", "JobResult", "JobState", "JobStatus", "Message", "RequestRejected",
+    "BrokerUnavailable", "CallbackSpec", "ErrorCode", "GenerationParams", "ImageItem", "JobClient", "JobError",
+    "JobNotFound", "JobRequest", "JobResult", "JobState", "JobStatus", "Message", "RequestRejected", "ServiceError",
     "TextItem", "VideoItem", "WaitTimeout",
 }
 

@@ -11,7 +11,8 @@ import pytest
 import standardwebhooks
 
 from api_client.webhooks import WebhookVerificationError, generate_secret, sign, signed_headers, verify
-from worker.callbacks import backoff_delay, redact_url
+from worker.callbacks import redact_url
+from worker.errors import backoff_delay
 
 NOW = 1_700_000_000
 BODY = json.dumps({"type": "job.succeeded", "data": {"job_id": "j1", "text": "héllo"}}).encode()
@@ -146,19 +147,19 @@ class _MaxRandom:
 
 
 def test_backoff_ceiling_grows_then_caps():
-    ceilings = [backoff_delay(n, base=2.0, cap=60.0, rng=_MaxRandom()) for n in range(8)]
+    ceilings = [backoff_delay(n, base_s=2.0, cap_s=60.0, rng=_MaxRandom()) for n in range(8)]
     assert ceilings == [2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0, 60.0]
-    assert backoff_delay(10_000, base=2.0, cap=60.0, rng=_MaxRandom()) == 60.0
+    assert backoff_delay(10_000, base_s=2.0, cap_s=60.0, rng=_MaxRandom()) == 60.0
 
 
 def test_backoff_full_jitter_bounds_and_growth():
     rng = random.Random(7)
     for attempt in range(10):
-        samples = [backoff_delay(attempt, base=1.0, cap=100.0, rng=rng) for _ in range(300)]
+        samples = [backoff_delay(attempt, base_s=1.0, cap_s=100.0, rng=rng) for _ in range(300)]
         assert all(0.0 <= s <= min(100.0, 2.0**attempt) for s in samples)
         # Full jitter spreads over the whole range, down to near zero.
         assert min(samples) < 0.1 * min(100.0, 2.0**attempt)
-    means = [sum(backoff_delay(a, base=1.0, cap=1e9, rng=rng) for _ in range(2000)) / 2000 for a in range(5)]
+    means = [sum(backoff_delay(a, base_s=1.0, cap_s=1e9, rng=rng) for _ in range(2000)) / 2000 for a in range(5)]
     assert means == sorted(means)
 
 
