@@ -35,7 +35,7 @@ class JobContext:
 
     settings: Any
     jobs: JobStore
-    store: Any  # worker.storage.ObjectStore
+    store: Any  # worker.results_store.ObjectStore
     batcher: Any  # the model thread's queue: worker.steploop.StepLoop or worker.batcher.MicroBatcher
     processor: Any
     model_id: str

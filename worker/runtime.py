@@ -26,8 +26,8 @@ from worker.jobs import Claim, JobStore
 from worker.model_thread import ModelThread, start_model_thread
 from worker.observability import Health, Metrics
 from worker.pipeline import JobContext, process_job
+from worker.results_store import open_store
 from worker.settings import Settings
-from worker.storage import open_store
 
 log = structlog.get_logger(__name__)
 
