@@ -119,7 +119,7 @@ def start_runtime(app: Celery, *, load_model: bool | None = None) -> Any:
         load_model = keys.INFER_QUEUE in settings.queues
     runtime = WorkerRuntime(settings, send_task=app.send_task, load_model=load_model)
     if settings.metrics_port is not None:
-        from worker.observability import ObservabilityServer
+        from worker.health import ObservabilityServer
 
         runtime.server = ObservabilityServer(settings.metrics_port, runtime.metrics, runtime.health).start()
     runtime.start()
@@ -157,7 +157,7 @@ def install_shutdown_hooks(app: Celery) -> None:
 def __getattr__(name: str) -> Any:
     # `celery -A worker.celery_app` looks up `app`; build it then, from the environment.
     if name == "app":
-        from worker.observability import configure_logging
+        from worker.logs import configure_logging
 
         settings = Settings()
         configure_logging(settings.log_level)

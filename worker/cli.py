@@ -144,7 +144,7 @@ def cmd_callbacks(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from worker.celery_app import create_app, install_shutdown_hooks, start_runtime
-    from worker.observability import configure_logging
+    from worker.logs import configure_logging
     from worker.settings import Settings
 
     settings = Settings()

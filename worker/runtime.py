@@ -22,9 +22,10 @@ import structlog
 
 from api_client import keys
 from api_client.schema import CallbackSpec
+from worker.health import Health
 from worker.jobs import Claim, JobStore
+from worker.metrics import Metrics
 from worker.model_thread import ModelThread, start_model_thread
-from worker.observability import Health, Metrics
 from worker.pipeline import JobContext, process_job
 from worker.results_store import open_store
 from worker.settings import Settings
