@@ -1,7 +1,9 @@
 """What the probes read, and the HTTP server that serves /healthz /readyz /metrics.
 
-`Health` is the state liveness and readiness are judged from;
-`ObservabilityServer` serves it, and a `Metrics` registry, over plain HTTP.
+`Health` holds the worker's `WorkerState` (starting, ready, draining,
+stopped) and whether it has a model; liveness and readiness are judged from
+those. `ObservabilityServer` serves them, and a `Metrics` registry, over
+plain HTTP: each probe answers {"ok", "reason", "state", "has_model"}.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import json as jsonlib
 import threading
 import time
 from collections.abc import Callable
+from enum import Enum
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -18,9 +21,36 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from worker.metrics import Metrics
 
 
+class WorkerState(Enum):
+    """Where a worker is in its life; readiness is read from this, not from loose flags.
+
+    STARTING -> READY -> DRAINING -> STOPPED. A worker may also go from
+    STARTING straight to DRAINING (SIGTERM during the model load), and from
+    any state to STOPPED; it never goes back.
+    """
+
+    STARTING = "starting"  # connecting to the broker, loading and warming up the model
+    READY = "ready"  # taking work
+    DRAINING = "draining"  # SIGTERM: finishing what the engine admitted, taking nothing new
+    STOPPED = "stopped"  # shut down; the process is about to exit
+
+
+_NEXT: dict[WorkerState, frozenset[WorkerState]] = {
+    WorkerState.STARTING: frozenset({WorkerState.READY, WorkerState.DRAINING, WorkerState.STOPPED}),
+    WorkerState.READY: frozenset({WorkerState.DRAINING, WorkerState.STOPPED}),
+    WorkerState.DRAINING: frozenset({WorkerState.STOPPED}),
+    WorkerState.STOPPED: frozenset(),
+}
+
+
 class Health:
     """What the probes read. Liveness asks "is the batch thread stuck?";
-    readiness asks "should this pod get work?" (loaded, warmed up, broker up, not draining)."""
+    readiness asks "should this pod get work?" (state READY and the broker up).
+
+    `has_model` says whether this worker loaded a model at all: a
+    callbacks-only worker is READY without one, and never reports
+    `model_ready` or `warmed_up`.
+    """
 
     def __init__(
         self,
@@ -35,21 +65,57 @@ class Health:
         self.batch_stuck_after_s = batch_stuck_after_s
         self._clock = clock
         self._lock = threading.Lock()
-        self._model_ready = False
+        self._state = WorkerState.STARTING
+        self._has_model = False
         self._warmed_up = False
-        self._draining = False
         self._last_beat: float | None = None
         self._ready_since: float | None = None
 
-    def _set(self, name: str, value: bool) -> None:
-        with self._lock:
-            setattr(self, name, bool(value))
-            if self._model_ready and self._ready_since is None:
-                self._ready_since = self._clock()
+    # ---- transitions (the runtime calls these) ----------------------------
+    def _move(self, to: WorkerState) -> None:
+        if to in _NEXT[self._state]:  # never backwards: a READY after a DRAINING is ignored
+            self._state = to
 
-    model_ready = property(lambda self: self._model_ready, lambda self, v: self._set("_model_ready", v))
-    warmed_up = property(lambda self: self._warmed_up, lambda self, v: self._set("_warmed_up", v))
-    draining = property(lambda self: self._draining, lambda self, v: self._set("_draining", v))
+    def mark_ready(self, *, has_model: bool, warmed_up: bool = True) -> None:
+        """Start finished: the model (if any) is loaded, and warmed up if `warmed_up`."""
+        with self._lock:
+            self._has_model = bool(has_model)
+            self._warmed_up = self._has_model and bool(warmed_up)
+            if self._has_model and self._ready_since is None:
+                self._ready_since = self._clock()
+            self._move(WorkerState.READY)
+
+    def mark_draining(self) -> None:
+        with self._lock:
+            self._move(WorkerState.DRAINING)
+
+    def mark_stopped(self) -> None:
+        with self._lock:
+            self._move(WorkerState.STOPPED)
+
+    # ---- facts -------------------------------------------------------------
+    @property
+    def state(self) -> WorkerState:
+        return self._state
+
+    @property
+    def has_model(self) -> bool:
+        return self._has_model
+
+    @property
+    def model_ready(self) -> bool:
+        """A model is loaded and serving (or finishing its work while draining)."""
+        with self._lock:
+            return self._has_model and self._state in (WorkerState.READY, WorkerState.DRAINING)
+
+    @property
+    def warmed_up(self) -> bool:
+        return self.model_ready and self._warmed_up
+
+    def facts(self) -> dict[str, str | bool]:
+        """What the probe responses carry besides ok and reason."""
+        with self._lock:
+            return {"state": self._state.value, "has_model": self._has_model}
 
     def batch_heartbeat(self) -> None:
         now = self._clock()
@@ -60,6 +126,7 @@ class Health:
         with self._lock:
             # Before the first beat, count from when the model became ready:
             # a batch thread that never starts is as stuck as one that stopped.
+            # A worker without a model has no batch thread: nothing to judge.
             since = self._last_beat if self._last_beat is not None else self._ready_since
         if since is None or self.pending_fn is None:
             return True, "ok"
@@ -75,14 +142,9 @@ class Health:
         return True, "ok (idle)"
 
     def ready(self) -> tuple[bool, str]:
-        with self._lock:
-            model_ready, warmed_up, draining = self._model_ready, self._warmed_up, self._draining
-        if draining:
-            return False, "draining"
-        if not model_ready:
-            return False, "model not loaded"
-        if not warmed_up:
-            return False, "model not warmed up"
+        state = self.state
+        if state is not WorkerState.READY:
+            return False, state.value
         if self.broker_ok_fn is not None:
             try:
                 broker_ok = bool(self.broker_ok_fn())
@@ -120,7 +182,7 @@ class ObservabilityServer:
                     self._send(200, metrics.render(), CONTENT_TYPE_LATEST)
                 elif path in ("/healthz", "/readyz"):
                     ok, reason = health.live() if path == "/healthz" else health.ready()
-                    body = jsonlib.dumps({"ok": ok, "reason": reason}).encode()
+                    body = jsonlib.dumps({"ok": ok, "reason": reason, **health.facts()}).encode()
                     self._send(200 if ok else 503, body, "application/json")
                 else:
                     self._send(404, b'{"ok": false, "reason": "not found"}', "application/json")

@@ -91,8 +91,7 @@ class WorkerRuntime:
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
-        self.health.model_ready = True
-        self.health.warmed_up = True
+        self.health.mark_ready(has_model=self.model_thread is not None, warmed_up=self.settings.warmup)
         self.heartbeat()
         log.info("worker.ready", worker_id=self.worker_id, startup_s=round(time.perf_counter() - t0, 3),
                  model=self.settings.model, max_batch_size=self.settings.max_batch_size)
@@ -125,7 +124,7 @@ class WorkerRuntime:
         if self._draining.is_set():
             return
         self._draining.set()
-        self.health.draining = True
+        self.health.mark_draining()
         log.info("worker.draining", drain_timeout_s=self.settings.drain_timeout_s)
         if self.model_thread is not None:
             # Admitted requests finish; the rest fail with BatcherClosed, which the
@@ -141,6 +140,7 @@ class WorkerRuntime:
         for t in self._threads:
             t.join(timeout=5)
         self.redis.close()
+        self.health.mark_stopped()
 
     @property
     def draining(self) -> bool:
