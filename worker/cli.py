@@ -193,15 +193,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate_autoscale(args: argparse.Namespace) -> int:
-    import importlib.util
-    from pathlib import Path
+    from worker.autoscale_sim import main as simulate_main
 
-    path = Path(__file__).resolve().parent.parent / "deploy" / "autoscale_sim.py"
-    spec = importlib.util.spec_from_file_location("autoscale_sim", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["autoscale_sim"] = module  # its dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module.main(args.rest)
+    return simulate_main(args.rest)
 
 
 def build_parser() -> argparse.ArgumentParser:
