@@ -9,7 +9,6 @@ Drain (SIGTERM): stop taking jobs, let the requests the engine admitted finish
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import threading
@@ -99,7 +98,6 @@ class WorkerRuntime:
 
     def _load(self) -> None:
         from model_runtime.loading import load_runtime
-        from model_runtime.media import MediaLimits
 
         s = self.settings
         self.loaded = load_runtime(
@@ -110,9 +108,7 @@ class WorkerRuntime:
             import torch
 
             torch.set_num_threads(cpu_model_threads())
-        # Every media limit has a setting of the same name (IVQ_MAX_IMAGE_BYTES, ...).
-        self.media_limits = MediaLimits(**{f.name: getattr(s, f.name) for f in dataclasses.fields(MediaLimits)
-                                           if hasattr(s, f.name)})
+        self.media_limits = s.media_limits()
         self.model_thread = start_model_thread(self.loaded, s, metrics=self.metrics, worker_id=self.worker_id,
                                                on_loop=self.health.batch_heartbeat)
         self.engine, self.batcher = self.model_thread.engine, self.model_thread.queue
