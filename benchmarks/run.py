@@ -84,7 +84,7 @@ def plan_for(quick: bool, model: str | None) -> Plan:
 
 def _quiet(stream: Any) -> None:
     """Logs to stderr at WARNING, so --json leaves stdout to the one JSON object."""
-    from worker.observability import configure_logging
+    from worker.logs import configure_logging
 
     configure_logging("WARNING", stream=stream)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -141,11 +141,11 @@ def run_all(plan: Plan, out: Path, progress) -> dict[str, Any]:
     with Service(config) as service:
         import torch
 
-        loaded = service.runtime.loaded
+        loaded = service.runtime.ctx.loaded
         knobs = service.knobs
         meta = results["meta"]
         meta.update(torch_threads=torch.get_num_threads(), engine=service.settings.engine,
-                    cost_aware_grouping=getattr(service.runtime.batcher, "similar_cost", None),
+                    cost_aware_grouping=getattr(service.runtime.ctx.queue, "similar_cost", None),
                     continuous=knobs.as_dict())
         tile = int(loaded.processor.image_processor.size["height"])
         media = build_media(tile, images=plan.images, videos=plan.videos)
@@ -199,7 +199,7 @@ def run_all(plan: Plan, out: Path, progress) -> dict[str, Any]:
                              f"one_tile jobs at once (best of {plan.service_repeats})")
         # Leaving a Celery worker stops every worker of the process: this one stays up until the service stops.
         base = service.attach(CeleryBaseline(service.redis.url, loaded=loaded, store=service.runtime.store,
-                                             media_limits=service.runtime.media_limits,
+                                             media_limits=service.runtime.ctx.media_limits,
                                              max_tiles=service.settings.max_tiles, alongside=service.app))
         base.run(e2e_mix.requests[:2])  # the baseline worker's first task off the clock
         e2e_pairs = [(service.run_saturated(e2e_mix), base.run(e2e_mix.requests))

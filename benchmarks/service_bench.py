@@ -90,7 +90,7 @@ class Service:
 
     @property
     def engine(self) -> Any:
-        return self.runtime.engine
+        return self.runtime.model_thread.engine
 
     @property
     def continuous(self) -> bool:
@@ -98,7 +98,7 @@ class Service:
 
     @property
     def knobs(self) -> ContinuousKnobs:
-        return ContinuousKnobs.of(self.runtime.loaded, self.settings)
+        return ContinuousKnobs.of(self.runtime.ctx.loaded, self.settings)
 
     def _counters(self) -> tuple[float, int, int]:
         """(seconds in the model, batch count, batched items): generate calls and their items for the
@@ -112,7 +112,7 @@ class Service:
         from model_runtime.media import MediaLimits
 
         decoded = decode_media(mix.requests, self.read, MediaLimits())
-        return prepare_all(self.runtime.loaded, mix.requests, decoded, max_tiles=self.settings.max_tiles)
+        return prepare_all(self.runtime.ctx.loaded, mix.requests, decoded, max_tiles=self.settings.max_tiles)
 
     def run_saturated(self, mix: Mix, timeout_s: float = 1800) -> dict[str, Any]:
         """Submit every job at once and wait for all; the model thread's share of the wall time."""
@@ -137,9 +137,9 @@ class Service:
         """The bare engine the worker runs, with the worker's cap and settings, on the same prepared jobs."""
         s = self.settings
         if self.continuous:
-            run = run_continuous(self.runtime.loaded, items, cap=s.max_batch_size, knobs=self.knobs)
+            run = run_continuous(self.runtime.ctx.loaded, items, cap=s.max_batch_size, knobs=self.knobs)
         else:  # the worker's static queue is cost-aware (worker/model_thread.py)
-            run = run_batched(static_engine(self.runtime.loaded, s.max_batch_size), items, cap=s.max_batch_size,
+            run = run_batched(static_engine(self.runtime.ctx.loaded, s.max_batch_size), items, cap=s.max_batch_size,
                               max_wait_ms=s.max_wait_ms, cost_aware=True, max_batch_cost=s.max_batch_cost)
         return {**run.as_dict(), "engine": s.engine}
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -44,9 +44,6 @@ class EngineStats:
     total_tokens: int = 0  # rows × longest prompt, summed over generate calls
     generate_seconds: float = 0.0
     oom_splits: int = 0
-
-    def as_dict(self) -> dict[str, float]:
-        return asdict(self)
 
 
 class Engine:

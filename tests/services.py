@@ -12,7 +12,7 @@ from pathlib import Path
 from botocore.config import Config
 
 from worker.embedded import EmbeddedRedis
-from worker.storage import make_s3_client
+from worker.media_fetch import make_s3_client
 
 TEST_CREDENTIALS = {
     "aws_access_key_id": "test",

@@ -40,7 +40,6 @@ class BatcherClosed(RuntimeError):
 class BatchInfo:
     """What the model thread knows about one batch, passed to the batch function."""
 
-    batch_id: int
     size: int
     cost: float
     waited_s: list[float]  # per item: time between submit and dispatch
@@ -109,8 +108,6 @@ class MicroBatcher(ModelThreadQueue, Generic[T, R]):
         super().__init__(self._loop, name)
         self._pending: list[_Pending[T]] = []
         self._closing = False
-        self._busy = False
-        self._batch_seq = 0
 
     # ---- task-thread side ---------------------------------------------
 
@@ -132,10 +129,6 @@ class MicroBatcher(ModelThreadQueue, Generic[T, R]):
     def pending(self) -> int:
         with self._cond:
             return len(self._pending) + self._announced
-
-    @property
-    def busy(self) -> bool:
-        return self._busy
 
     def stop(self, *, drain: bool = True, timeout: float | None = None) -> list[T]:
         """Stop taking items. With drain, pending items still run; without, they
@@ -176,7 +169,6 @@ class MicroBatcher(ModelThreadQueue, Generic[T, R]):
                 if full or nothing_coming or self._closing or waited >= self.max_wait_s:
                     ids = {id(p) for p in chosen}
                     self._pending = [p for p in self._pending if id(p) not in ids]
-                    self._busy = True
                     return chosen
                 self._cond.wait(timeout=max(0.0005, self.max_wait_s - waited))
 
@@ -197,20 +189,15 @@ class MicroBatcher(ModelThreadQueue, Generic[T, R]):
             batch = self._take_batch()
             if batch is None:
                 return
-            self._batch_seq += 1
             now = self._clock()
-            info = BatchInfo(
-                batch_id=self._batch_seq, size=len(batch), cost=sum(p.cost for p in batch),
-                waited_s=[now - p.submitted for p in batch],
-            )
+            info = BatchInfo(size=len(batch), cost=sum(p.cost for p in batch),
+                             waited_s=[now - p.submitted for p in batch])
             try:
                 results: Sequence[Any] = self._run_batch([p.item for p in batch], info)
                 if len(results) != len(batch):
                     raise RuntimeError(f"batch function returned {len(results)} results for {len(batch)} items")
             except BaseException as exc:  # noqa: BLE001 - every request of a failed batch gets the error
                 results = [exc] * len(batch)
-            finally:
-                self._busy = False
             for p, res in zip(batch, results):
                 if isinstance(res, BaseException):
                     p.future.set_exception(res)

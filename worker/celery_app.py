@@ -22,7 +22,7 @@ from kombu import Exchange, Queue
 from api_client import keys
 from api_client.dispatch import Dispatcher
 from api_client.jobstate import JobStore
-from worker.observability import Metrics
+from worker.metrics import Metrics
 from worker.pipeline import process_job
 from worker.runtime import WorkerRuntime
 from worker.settings import Settings
@@ -129,7 +129,7 @@ def start_runtime(app: Celery, *, load_model: bool | None = None) -> WorkerRunti
         load_model = keys.INFER_QUEUE in settings.queues
     runtime = WorkerRuntime(settings, dispatch=app.ivq_dispatch, metrics=app.ivq_metrics, load_model=load_model)
     if settings.metrics_port is not None:
-        from worker.observability import ObservabilityServer
+        from worker.health import ObservabilityServer
 
         runtime.server = ObservabilityServer(settings.metrics_port, runtime.metrics, runtime.health).start()
     runtime.start()
@@ -167,7 +167,7 @@ def install_shutdown_hooks(app: Celery) -> None:
 def __getattr__(name: str) -> Any:
     # `celery -A worker.celery_app` looks up `app`; build it then, from the environment.
     if name == "app":
-        from worker.observability import configure_logging
+        from worker.logs import configure_logging
 
         settings = Settings()
         configure_logging(settings.log_level)

@@ -152,7 +152,7 @@ def serve_worker(settings: Any, *, on_started: Callable[[Any], None] | None = No
     """Run one worker until it is told to stop. `on_started(runtime)` runs after the
     model is loaded and warmed up, before the first message is taken."""
     from worker.celery_app import create_app, install_shutdown_hooks, start_runtime
-    from worker.observability import configure_logging
+    from worker.logs import configure_logging
 
     configure_logging(settings.log_level, static={"worker": settings.resolved_worker_id})
     embedded = None
@@ -201,15 +201,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate_autoscale(args: argparse.Namespace) -> int:
-    import importlib.util
-    from pathlib import Path
+    from worker.autoscale_sim import main as simulate_main
 
-    path = Path(__file__).resolve().parent.parent / "deploy" / "autoscale_sim.py"
-    spec = importlib.util.spec_from_file_location("autoscale_sim", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["autoscale_sim"] = module  # its dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module.main(args.rest)
+    return simulate_main(args.rest)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -27,9 +27,9 @@ from worker.errors import Action, Draining, JobFailed, backoff_delay, classify
 from worker.held import HeldClaims
 from worker.model_thread import BatchOutcome
 from worker.netguard import guarded_request
-from worker.observability import Metrics
+from worker.metrics import Metrics
 from worker.settings import Settings
-from worker.storage import ObjectStore
+from worker.results_store import ObjectStore
 from worker.translate import chat_of, sampling_of
 
 if TYPE_CHECKING:

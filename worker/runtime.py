@@ -22,12 +22,13 @@ import structlog
 from api_client import keys
 from api_client.dispatch import Dispatcher
 from api_client.jobstate import JobStore
+from worker.health import Health, ObservabilityServer
 from worker.held import HeldClaims
+from worker.metrics import Metrics
 from worker.model_thread import ModelThread, start_model_thread
-from worker.observability import Health, Metrics, ObservabilityServer
 from worker.pipeline import JobContext
+from worker.results_store import open_store
 from worker.settings import Settings
-from worker.storage import open_store
 
 log = structlog.get_logger(__name__)
 
@@ -84,8 +85,7 @@ class WorkerRuntime:
             t = threading.Thread(target=self._every, args=(every, work), name=name, daemon=True)
             t.start()
             self._threads.append(t)
-        self.health.model_ready = True
-        self.health.warmed_up = True
+        self.health.mark_ready(has_model=self.model_thread is not None, warmed_up=self.settings.warmup)
         self.heartbeat()
         log.info("worker.ready", worker_id=self.worker_id, startup_s=round(time.perf_counter() - t0, 3),
                  model=self.settings.model, max_batch_size=self.settings.max_batch_size)
@@ -107,12 +107,8 @@ class WorkerRuntime:
                                                on_loop=self.health.batch_heartbeat)
         self.metrics.set_info(model=loaded.model_id, device=loaded.device, dtype=str(loaded.dtype),
                               attention=loaded.attn_implementation, worker_id=self.worker_id)
-        from model_runtime.media import MediaLimits
-        import dataclasses
-        media_limits = MediaLimits(**{f.name: getattr(s, f.name) for f in dataclasses.fields(MediaLimits)
-                                      if hasattr(s, f.name)})
         return JobContext(settings=s, jobs=self.jobs, held=self.held, dispatch=self.dispatch, store=self.store,
-                          queue=self.model_thread.queue, loaded=loaded, media_limits=media_limits,
+                          queue=self.model_thread.queue, loaded=loaded, media_limits=s.media_limits(),
                           metrics=self.metrics, is_draining=self._draining.is_set)
 
     def begin_drain(self) -> None:
@@ -120,7 +116,7 @@ class WorkerRuntime:
         if self._draining.is_set():
             return
         self._draining.set()
-        self.health.draining = True
+        self.health.mark_draining()
         log.info("worker.draining", drain_timeout_s=self.settings.drain_timeout_s)
         if self.model_thread is not None:
             # Admitted requests finish; the rest fail with BatcherClosed, which the
@@ -136,6 +132,7 @@ class WorkerRuntime:
         for t in self._threads:
             t.join(timeout=5)
         self.redis.close()
+        self.health.mark_stopped()
 
     @property
     def draining(self) -> bool:

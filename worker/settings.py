@@ -9,10 +9,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from model_runtime.media import MediaLimits
 
 
 class Settings(BaseSettings):
@@ -55,7 +58,7 @@ class Settings(BaseSettings):
     max_wait_ms: float = Field(default=20.0, ge=0)  # static engine: how long a batch waits to fill
     concurrency: int | None = None  # task threads; default 2 * max_batch_size
 
-    # Media limits (checked in the worker on the real bytes).
+    # Media limits (checked in the worker on the real bytes); media_limits() hands them on.
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 40_000_000
     max_video_bytes: int = 200 * 1024 * 1024
@@ -63,6 +66,7 @@ class Settings(BaseSettings):
     max_video_pixels: int = 3840 * 2160
     max_video_frames: int = 32
     default_video_frames: int = 8
+    max_frame_side: int = Field(default=1024, ge=1)  # sampled video frames are scaled down to this side
     max_tiles: int = 12
 
     # Reliability (issue: lifecycle). visibility_timeout_s must exceed the longest job.
@@ -113,6 +117,21 @@ class Settings(BaseSettings):
         if self.lease_s < 1:
             raise ValueError("IVQ_LEASE_S must be at least 1 second")
         return self
+
+    def media_limits(self) -> MediaLimits:
+        """The media limits for model_runtime's decoders, every field named here."""
+        from model_runtime.media import MediaLimits  # not at the top: a callbacks-only worker has no model stack
+
+        return MediaLimits(
+            max_image_bytes=self.max_image_bytes,
+            max_image_pixels=self.max_image_pixels,
+            max_video_bytes=self.max_video_bytes,
+            max_video_seconds=self.max_video_seconds,
+            max_video_pixels=self.max_video_pixels,
+            max_video_frames=self.max_video_frames,
+            default_video_frames=self.default_video_frames,
+            max_frame_side=self.max_frame_side,
+        )
 
     # Derived values, so callers never repeat the defaults.
     @property

@@ -1,28 +1,21 @@
-"""The autoscaling simulator: sane properties of the KEDA/HPA replay, and its CLI."""
+"""The autoscaling simulator: sane properties of the KEDA/HPA replay, and its CLI verb."""
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "deploy" / "autoscale_sim.py"
+from worker import autoscale_sim
 
 
 @pytest.fixture(scope="module")
 def sim():
-    # deploy/ is not a package: load the script by path, as the CLI does.
-    spec = importlib.util.spec_from_file_location("autoscale_sim", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["autoscale_sim"] = module  # dataclasses look the module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+    return autoscale_sim
 
 
 @pytest.fixture(scope="module")
@@ -86,11 +79,13 @@ def test_main_json_is_one_object_with_sweep(sim, capsys):
     assert out["plot"] is None
 
 
-def test_runs_as_a_standalone_script_and_writes_the_plot(tmp_path):
+def test_cli_verb_runs_from_anywhere_and_writes_the_plot_in_the_current_directory(tmp_path):
+    # The image ships the worker package and no deploy/: the verb must need nothing else.
     png = tmp_path / "scaling.png"
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--pattern", "burst", "--no-sweep", "--plot", str(png), "--throughput", "3"],
-        capture_output=True, text=True, timeout=60,
+        [sys.executable, "-m", "worker.cli", "simulate-autoscale", "--quick", "--pattern", "burst", "--no-sweep",
+         "--throughput", "3"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "burst" in proc.stdout and "throughput: given" in proc.stdout

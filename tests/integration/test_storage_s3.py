@@ -17,15 +17,8 @@ from redis.retry import Retry
 
 from tests.services import MotoS3, s3_client, start_redis
 from worker.embedded import EmbeddedRedis, free_port
-from worker.storage import (
-    FileStore,
-    ForbiddenMedia,
-    MediaNotFound,
-    MediaTooLarge,
-    S3Store,
-    StorageUnavailable,
-    open_store,
-)
+from worker.media_fetch import ForbiddenMedia, MediaNotFound, MediaTooLarge, StorageUnavailable
+from worker.results_store import FileStore, S3Store, open_store
 
 RESULTS = "ivq-results"
 MEDIA = "ivq-media"

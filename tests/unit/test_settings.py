@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from pydantic import ValidationError
 
@@ -30,3 +32,16 @@ def test_defaults_point_at_the_embedded_store(tmp_path):
     s = Settings(data_dir=tmp_path)
     assert s.resolved_store_url == f"file://{(tmp_path / 'store').resolve()}"
     assert s.resolved_file_root == (tmp_path / "store").resolve()
+
+
+def test_every_media_limit_comes_from_the_setting_of_the_same_name():
+    from model_runtime.media import MediaLimits
+
+    names = [f.name for f in dataclasses.fields(MediaLimits)]
+    # Settings ignores unknown names, so a limit without a setting would silently keep its default.
+    assert set(names) <= set(Settings.model_fields), set(names) - set(Settings.model_fields)
+    # A value no default has, per field: a limit media_limits() forgot keeps its default and shows.
+    changed = {name: type(getattr(MediaLimits(), name))(getattr(MediaLimits(), name) * 3 + 1) for name in names}
+    limits = Settings(**changed).media_limits()
+    assert isinstance(limits, MediaLimits)
+    assert {name: getattr(limits, name) for name in names} == changed

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.storage import (
-    FileStore,
+from worker.media_fetch import (
     ForbiddenMedia,
     InvalidMediaUrl,
     MediaFetcher,
@@ -17,8 +16,8 @@ from worker.storage import (
     MediaTooLarge,
     StorageError,
     StorageUnavailable,
-    open_store,
 )
+from worker.results_store import FileStore, open_store
 
 
 @pytest.fixture

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Replay arrival patterns against KEDA + HPA's scaling rule for the inference workers.
 
 What it models (deploy/kubernetes/base/keda.yaml, deploy/SCALING.md):
@@ -16,7 +15,7 @@ It reports queue wait (arrival -> a worker starts the job) p50/p95/p99, pods
 over time (PNG), GPU-hours (pod lifetime incl. cold start) and a sweep over
 target, activation and cooldown. Only numpy (matplotlib optional) is needed.
 
-    python deploy/autoscale_sim.py [--quick] [--json] [--pattern burst] [--target 16]
+    internvl-queue simulate-autoscale [--quick] [--json] [--pattern burst] [--target 16]
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_PLOT = Path(__file__).resolve().parent / "scaling.png"
+DEFAULT_PLOT = Path("scaling.png")  # the current directory: an installed package may be read-only
 PATTERNS = ("steady", "burst", "diurnal")
 HPA_TOLERANCE = 0.1
 
@@ -280,7 +279,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--quick", action="store_true", help="shorter patterns, burst-only sweep")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--no-sweep", action="store_true")
-    ap.add_argument("--plot", type=Path, default=DEFAULT_PLOT)
+    ap.add_argument("--plot", type=Path, default=DEFAULT_PLOT, help="PNG to write (default: ./scaling.png)")
     ap.add_argument("--no-plot", action="store_true")
     return ap
 
