@@ -11,7 +11,7 @@ from pathlib import Path
 
 from botocore.config import Config
 
-from worker.embedded import EmbeddedRedis
+from worker.embedded import EmbeddedRedis, free_port
 from worker.media_fetch import make_s3_client
 
 TEST_CREDENTIALS = {
@@ -67,3 +67,61 @@ class MotoS3:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free too."""
+    import socket
+
+    while True:
+        port = free_port()
+        if port > 55535:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+
+
+class _ClusterNode(EmbeddedRedis):
+    def _argv(self) -> list[str]:
+        return super()._argv() + ["--cluster-enabled", "yes", "--cluster-config-file", str(self.data_dir / "nodes.conf"),
+                                  "--cluster-node-timeout", "2000"]
+
+
+class RedisClusterServers:
+    """A real Redis Cluster: `nodes` redis-servers in cluster mode on loopback, the 16384 slots
+    split between them, no replicas. `client()` is a redis-py RedisCluster."""
+
+    def __init__(self, tmp_dir: Path, nodes: int = 3) -> None:
+        import time
+
+        import redis
+
+        self.nodes = [_ClusterNode(Path(tmp_dir) / f"node{i}", port=_cluster_port()) for i in range(nodes)]  # each starts at once
+        conns = [redis.Redis(host="127.0.0.1", port=node.port) for node in self.nodes]
+        per = 16384 // nodes
+        for i, conn in enumerate(conns):
+            last = 16383 if i == nodes - 1 else (i + 1) * per - 1
+            conn.execute_command("CLUSTER ADDSLOTS", *range(i * per, last + 1))
+        for node, conn in zip(self.nodes[1:], conns[1:]):
+            conn.execute_command("CLUSTER MEET", "127.0.0.1", self.nodes[0].port)
+        deadline = time.monotonic() + 30
+        while not all(c.execute_command("CLUSTER INFO").get("cluster_state") == "ok"
+                      and len(c.execute_command("CLUSTER NODES")) == nodes for c in conns):
+            if time.monotonic() > deadline:
+                raise TimeoutError("the cluster did not converge")
+            time.sleep(0.1)
+        for conn in conns:
+            conn.close()
+
+    def client(self):
+        from redis.cluster import RedisCluster
+
+        return RedisCluster(host="127.0.0.1", port=self.nodes[0].port)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
