@@ -19,9 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from api_client import keys
+from api_client import JobClient, JobRequest, keys
 from model_runtime.samples import make_sample_image
+from tests.faults.netfaults import WebhookReceiver
 from worker.embedded import free_port
+
+SECRET = "whsec_" + "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo0NTY3ODk="
 
 CLI = [sys.executable, "-m", "worker.cli"]
 
@@ -55,7 +58,8 @@ def worker_proc(redis_url, tmp_path_factory):
     env = dict(os.environ, IVQ_REDIS_URL=redis_url, IVQ_DATA_DIR=str(data), IVQ_STORE_URL=f"file://{data}/store",
                IVQ_ALLOWED_FILE_ROOT=str(media), IVQ_MODEL="tiny",
                IVQ_MODEL_CACHE_DIR=str(data.parent / "models-cache"), IVQ_METRICS_PORT=str(port),
-               IVQ_MAX_BATCH_SIZE="4", IVQ_LOG_LEVEL="INFO", IVQ_WORKER_ID="e2e-worker", IVQ_DRAIN_TIMEOUT_S="20")
+               IVQ_MAX_BATCH_SIZE="4", IVQ_LOG_LEVEL="INFO", IVQ_WORKER_ID="e2e-worker", IVQ_DRAIN_TIMEOUT_S="20",
+               IVQ_WEBHOOK_SECRET=SECRET, IVQ_CALLBACK_ALLOW_PRIVATE="true")
     log_path = data / "worker.log"
     log = open(log_path, "wb")
     proc = subprocess.Popen(CLI + ["worker"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -102,6 +106,30 @@ def test_probes_report_ready_and_metrics_move(worker_proc, redis_url):
     assert metric(after, "ivq_batch_size_count") > metric(before, "ivq_batch_size_count")
     assert metric(after, "ivq_generate_seconds_count") > metric(before, "ivq_generate_seconds_count")
     assert metric(after, "ivq_tokens_generated_total") > metric(before, "ivq_tokens_generated_total")
+
+
+def test_callback_attempts_are_counted(worker_proc, redis_url):
+    base = worker_proc["base"]
+    receiver = WebhookReceiver(SECRET)
+    receiver.up()
+    receiver.fail_next = 1  # the first attempt gets a 503: one retry, then delivered
+    try:
+        before = http_get(base + "/metrics")[1]
+        with JobClient(redis_url) as client:
+            job_id = client.submit(JobRequest.simple("hook me", generation={"max_new_tokens": 2},
+                                                     callback={"url": receiver.url}))
+            assert client.wait(job_id, timeout=60).state.value == "succeeded"
+        deadline = time.monotonic() + 30
+        while not any(d.job_id == job_id and d.status < 300 for d in receiver.snapshot()):
+            assert time.monotonic() < deadline, receiver.snapshot()
+            time.sleep(0.1)
+        time.sleep(0.2)  # the counter moves right after the POST returns
+        after = http_get(base + "/metrics")[1]
+    finally:
+        receiver.close()
+    for outcome in ("retry", "delivered"):
+        assert metric(after, "ivq_callbacks_total", outcome=outcome) == \
+            metric(before, "ivq_callbacks_total", outcome=outcome) + 1, outcome
 
 
 def test_cli_verbs_speak_json_with_state_and_error_code(worker_proc, redis_url):
