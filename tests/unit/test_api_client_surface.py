@@ -85,3 +85,16 @@ def test_broker_down_raises_quickly_instead_of_hanging():
     with pytest.raises(BrokerUnavailable):
         client.status("x")
     assert time.monotonic() - t0 < 20
+
+
+def test_the_readme_lists_every_error_code_and_no_other():
+    import re
+    from pathlib import Path
+
+    from api_client import ErrorCode
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Error codes", 1)[1].split("\n## ", 1)[0]
+    listed = re.findall(r"^\| `([a-z_]+)` \|", section, flags=re.M)
+    assert len(listed) == len(set(listed))
+    assert set(listed) == {code.value for code in ErrorCode}
