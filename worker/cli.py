@@ -2,8 +2,9 @@
 
 Client verbs (submit, status, wait, result, cancel) import only api_client,
 so they start fast; the model stack loads only for worker, demo, bench and
-make-tiny-model. This is the entrypoint: the one place that reads the
-environment (through Settings) and passes it down.
+make-tiny-model. Verbs build their Settings from the environment here and pass
+them down; the other entrypoint, `celery -A worker.celery_app`, builds its own
+in worker/celery_app.py.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Wire types (api_client.schema) into the model runtime's own types.
 
-The runtime imports neither api_client nor worker; this is the one place
-that knows both sides. Importing it does not import torch.
+The runtime imports neither api_client nor worker, so the worker translates:
+a request's generation settings and messages here, its errors in
+worker/errors.py. Importing this module does not import torch.
 """
 
 from __future__ import annotations

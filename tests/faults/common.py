@@ -29,11 +29,14 @@ def wait_all(client: JobClient, job_ids: list[str], timeout: float) -> dict[str,
     return out
 
 
-def keys_without_ttl(r, prefix: str = "ivq:") -> tuple[list[str], list[str]]:
+def keys_without_ttl(r) -> tuple[list[str], list[str]]:
     """(service keys with no TTL, other keys with no TTL) in this Redis."""
+    from api_client import keys
+
+    prefixes = (f"{keys.PREFIX}:", f"{{{keys.PREFIX}:")  # plain keys, and the job state's hash-tagged ones
     ours, others = [], []
     for k in r.scan_iter(count=1000):
         if r.ttl(k) == -1:
             name = k.decode()
-            (ours if name.startswith(prefix) else others).append(name)
+            (ours if name.startswith(prefixes) else others).append(name)
     return sorted(ours), sorted(others)
