@@ -33,7 +33,7 @@ def test_sigkill_with_jobs_in_flight_every_job_succeeds_exactly_once(s3_server, 
     settings = dict(store_url=f"s3://{bucket}/ivq", s3_endpoint_url=s3_server.endpoint_url, max_batch_size=4,
                     max_wait_ms=50, lease_s=3, visibility_timeout_s=15, webhook_secret=secret,
                     callback_allow_private=True, callback_backoff_base_s=0.2,
-                    # A notify the victim had taken is owed in ivq:notify; the survivor's sweeper
+                    # A notify the victim had taken is owed in its shard's notify index; the survivor's sweeper
                     # re-sends it after this (kombu's own redelivery can take longer than the wait).
                     callback_resend_after_s=5)
     victim, survivor = spawn("victim", **settings), spawn("survivor", **settings)
