@@ -47,7 +47,7 @@ def create_baseline_app(redis_url: str, *, loaded: Any, store: Any, media_limits
         media = {}
         for item in request.media_items():
             image = isinstance(item, ImageItem)
-            data = store.get_bytes(item.url, max_bytes=media_limits.max_image_bytes if image
+            data = store.fetcher.get_bytes(item.url, max_bytes=media_limits.max_image_bytes if image
                                    else media_limits.max_video_bytes)
             media[item.url] = (decode_image(data, media_limits) if image
                                else decode_video(data, media_limits, item.num_frames))

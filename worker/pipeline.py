@@ -29,6 +29,7 @@ from worker.model_thread import BatchOutcome
 from worker.netguard import guarded_request
 from worker.metrics import Metrics
 from worker.settings import Settings
+from worker.media_fetch import MediaFetcher
 from worker.results_store import ObjectStore
 from worker.translate import chat_of, sampling_of
 
@@ -60,7 +61,8 @@ class JobContext:
     jobs: JobStore
     held: HeldClaims
     dispatch: Dispatcher
-    store: ObjectStore
+    media: MediaFetcher  # reads media under limits
+    results: ObjectStore  # where result JSON goes
     queue: ModelQueue
     loaded: Loaded
     media_limits: MediaLimits
@@ -134,7 +136,7 @@ def _run(ctx: JobContext, claim: Claim, lost: Callable[[], bool]) -> str:
         log.warning("job.result_discarded", reason="claim lost before the result was written")
         return "discarded"
     key = f"results/{claim.job_id}.json"
-    url = ctx.store.put_json(key, result.model_dump(mode="json"))
+    url = ctx.results.put_json(key, result.model_dump(mode="json"))
     ended = ctx.jobs.succeed(claim, {
         "result": result.model_dump_json(), "output_preview": out.text[:PREVIEW_CHARS],
         "batch_size": str(done.batch_size), "result_url": url,
@@ -143,7 +145,7 @@ def _run(ctx: JobContext, claim: Claim, lost: Callable[[], bool]) -> str:
         # Cancelled between the check above and the write: take the object back. (If it
         # was taken over instead, the new holder writes the same key; leave it.)
         if ended.state == "cancelled":
-            ctx.store.delete(key)
+            ctx.results.delete(key)
         log.warning("job.result_discarded", reason="claim lost (cancelled or taken over)")
         return "discarded"
     ctx.metrics.job_finished("succeeded", "")
@@ -161,7 +163,7 @@ def _decode(ctx: JobContext, item: ImageItem | VideoItem) -> Any:
     if item.url.startswith(("https://", "http://")):
         data = _fetch_https(ctx.settings, item.url, max_bytes)
     else:
-        data = ctx.store.get_bytes(item.url, max_bytes=max_bytes)
+        data = ctx.media.get_bytes(item.url, max_bytes=max_bytes)
     if isinstance(item, ImageItem):
         return decode_image(data, limits)
     return decode_video(data, limits, item.num_frames)

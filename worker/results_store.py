@@ -1,10 +1,10 @@
 """Where results go: result JSON written under a store's prefix, read back, deleted.
 
 A store is either an S3 bucket + prefix (AWS, or MinIO/any S3 endpoint) or a
-local directory. Whatever the store's kind, `get_bytes` reads both s3:// and
-file:// media through one `worker.media_fetch.MediaFetcher`, so a file-store
-deployment can still read media from S3. Failures are the typed exceptions
-of `worker/media_fetch.py`.
+local directory. `open_store` also builds the `worker.media_fetch.MediaFetcher`
+that reads media (s3:// and file://, whatever the store's kind) and hands it
+over as `store.fetcher`, sharing the S3 client. Failures are the typed
+exceptions of `worker/media_fetch.py`.
 """
 
 from __future__ import annotations
@@ -36,14 +36,11 @@ MAX_JSON_BYTES = 64 * 1024 * 1024  # a result JSON is small; this only bounds a 
 class ObjectStore:
     """Where results go: `put_json(key)` under the store's own prefix.
 
-    `get_bytes` reads media by URL (s3:// or file://), whatever the store's kind.
+    `fetcher` is the media reader built with it (it shares the S3 client).
     """
 
     def __init__(self, fetcher: MediaFetcher) -> None:
         self.fetcher = fetcher
-
-    def get_bytes(self, url: str, *, max_bytes: int) -> bytes:
-        return self.fetcher.get_bytes(url, max_bytes=max_bytes)
 
     def url_for(self, key: str) -> str:
         raise NotImplementedError

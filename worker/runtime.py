@@ -107,7 +107,8 @@ class WorkerRuntime:
                                                on_loop=self.health.batch_heartbeat)
         self.metrics.set_info(model=loaded.model_id, device=loaded.device, dtype=str(loaded.dtype),
                               attention=loaded.attn_implementation, worker_id=self.worker_id)
-        return JobContext(settings=s, jobs=self.jobs, held=self.held, dispatch=self.dispatch, store=self.store,
+        return JobContext(settings=s, jobs=self.jobs, held=self.held, dispatch=self.dispatch,
+                          media=self.store.fetcher, results=self.store,
                           queue=self.model_thread.queue, loaded=loaded, media_limits=s.media_limits(),
                           metrics=self.metrics, is_draining=self._draining.is_set)
 

@@ -59,42 +59,42 @@ def test_put_get_json_round_trip(store: S3Store, moto_s3: MotoS3) -> None:
     head = moto_s3.client().head_object(Bucket=RESULTS, Key="prod/v1/results/j1.json")
     assert head["ContentType"] == "application/json"
     # the result URL is readable as media through the same store
-    assert b"\xc3\xbcn" in store.get_bytes(url, max_bytes=10_000)
+    assert b"\xc3\xbcn" in store.fetcher.get_bytes(url, max_bytes=10_000)
 
 
 def test_get_bytes_s3_media(store: S3Store) -> None:
-    assert store.get_bytes(f"s3://{MEDIA}/img/cat.jpg", max_bytes=100) == b"\xff\xd8cat"
+    assert store.fetcher.get_bytes(f"s3://{MEDIA}/img/cat.jpg", max_bytes=100) == b"\xff\xd8cat"
 
 
 def test_missing_key_and_bucket_are_not_found(store: S3Store) -> None:
     with pytest.raises(MediaNotFound):
-        store.get_bytes(f"s3://{MEDIA}/img/dog.jpg", max_bytes=100)
+        store.fetcher.get_bytes(f"s3://{MEDIA}/img/dog.jpg", max_bytes=100)
     with pytest.raises(MediaNotFound):
         store.get_json("results/never-written.json")
     unrestricted = open_store(f"s3://{RESULTS}", s3_client=store.client)
     with pytest.raises(MediaNotFound):
-        unrestricted.get_bytes("s3://no-such-bucket-here/a.jpg", max_bytes=100)
+        unrestricted.fetcher.get_bytes("s3://no-such-bucket-here/a.jpg", max_bytes=100)
 
 
 def test_oversize_is_too_large(store: S3Store) -> None:
     with pytest.raises(MediaTooLarge):
-        store.get_bytes(f"s3://{MEDIA}/big.bin", max_bytes=4999)
-    assert len(store.get_bytes(f"s3://{MEDIA}/big.bin", max_bytes=5000)) == 5000
+        store.fetcher.get_bytes(f"s3://{MEDIA}/big.bin", max_bytes=4999)
+    assert len(store.fetcher.get_bytes(f"s3://{MEDIA}/big.bin", max_bytes=5000)) == 5000
 
 
 def test_bucket_allow_list(store: S3Store) -> None:
     with pytest.raises(ForbiddenMedia):
-        store.get_bytes(f"s3://{OTHER}/x.jpg", max_bytes=100)
+        store.fetcher.get_bytes(f"s3://{OTHER}/x.jpg", max_bytes=100)
     with pytest.raises(ForbiddenMedia):
-        store.get_bytes(f"s3://{MEDIA}/img/../../etc/passwd", max_bytes=100)
+        store.fetcher.get_bytes(f"s3://{MEDIA}/img/../../etc/passwd", max_bytes=100)
     unrestricted = open_store(f"s3://{RESULTS}", s3_client=store.client)
-    assert unrestricted.get_bytes(f"s3://{OTHER}/x.jpg", max_bytes=100) == b"other"
+    assert unrestricted.fetcher.get_bytes(f"s3://{OTHER}/x.jpg", max_bytes=100) == b"other"
 
 
 def test_file_store_reads_s3_media(tmp_path: Path, moto_s3: MotoS3) -> None:
     fs = open_store(tmp_path.as_uri(), allowed_file_root=tmp_path, s3_client=moto_s3.client())
     assert isinstance(fs, FileStore)
-    assert fs.get_bytes(f"s3://{MEDIA}/img/cat.jpg", max_bytes=100) == b"\xff\xd8cat"
+    assert fs.fetcher.get_bytes(f"s3://{MEDIA}/img/cat.jpg", max_bytes=100) == b"\xff\xd8cat"
 
 
 def test_shared_client_from_many_threads(store: S3Store) -> None:
@@ -122,7 +122,7 @@ def test_unreachable_endpoint_is_unavailable() -> None:
     store = open_store(f"s3://{RESULTS}/p", s3_client=client)
     started = time.monotonic()
     with pytest.raises(StorageUnavailable):
-        store.get_bytes(f"s3://{MEDIA}/img/cat.jpg", max_bytes=100)
+        store.fetcher.get_bytes(f"s3://{MEDIA}/img/cat.jpg", max_bytes=100)
     with pytest.raises(StorageUnavailable):
         store.put_json("results/x.json", {"a": 1})
     with pytest.raises(StorageUnavailable):

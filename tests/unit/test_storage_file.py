@@ -33,7 +33,7 @@ def test_put_get_json_round_trip(store: FileStore) -> None:
     assert not store.exists("results/j2.json")
     assert store.get_json("results/j1.json") == obj
     # the returned URL reads back as media too (same bytes)
-    assert json.loads(store.get_bytes(url, max_bytes=1024)) == obj
+    assert json.loads(store.fetcher.get_bytes(url, max_bytes=1024)) == obj
 
 
 def test_put_json_is_atomic_and_leaves_no_temp_files(store: FileStore) -> None:
@@ -68,26 +68,26 @@ def test_get_bytes_reads_under_root(store: FileStore) -> None:
     (store.root / "media").mkdir()
     (store.root / "media" / "a b.jpg").write_bytes(b"\xff\xd8abc")
     url = (store.root / "media" / "a b.jpg").as_uri()  # percent-encoded space
-    assert store.get_bytes(url, max_bytes=10) == b"\xff\xd8abc"
+    assert store.fetcher.get_bytes(url, max_bytes=10) == b"\xff\xd8abc"
 
 
 def test_missing_file_is_not_found(store: FileStore) -> None:
     with pytest.raises(MediaNotFound):
-        store.get_bytes((store.root / "nope.jpg").as_uri(), max_bytes=10)
+        store.fetcher.get_bytes((store.root / "nope.jpg").as_uri(), max_bytes=10)
     (store.root / "dir").mkdir()
     with pytest.raises(MediaNotFound):
-        store.get_bytes((store.root / "dir").as_uri(), max_bytes=10)
+        store.fetcher.get_bytes((store.root / "dir").as_uri(), max_bytes=10)
 
 
 def test_path_traversal_is_forbidden(tmp_path: Path, store: FileStore) -> None:
     secret = tmp_path / "secret.txt"
     secret.write_text("s3cr3t")
     with pytest.raises(ForbiddenMedia):
-        store.get_bytes(f"file://{store.root}/../secret.txt", max_bytes=100)
+        store.fetcher.get_bytes(f"file://{store.root}/../secret.txt", max_bytes=100)
     with pytest.raises(ForbiddenMedia):
-        store.get_bytes(f"file://{store.root}/%2e%2e/secret.txt", max_bytes=100)
+        store.fetcher.get_bytes(f"file://{store.root}/%2e%2e/secret.txt", max_bytes=100)
     with pytest.raises(ForbiddenMedia):
-        store.get_bytes(secret.as_uri(), max_bytes=100)
+        store.fetcher.get_bytes(secret.as_uri(), max_bytes=100)
 
 
 def test_sibling_directory_with_common_prefix_is_forbidden(tmp_path: Path, store: FileStore) -> None:
@@ -95,7 +95,7 @@ def test_sibling_directory_with_common_prefix_is_forbidden(tmp_path: Path, store
     sibling.mkdir()
     (sibling / "x.jpg").write_bytes(b"x")
     with pytest.raises(ForbiddenMedia):
-        store.get_bytes((sibling / "x.jpg").as_uri(), max_bytes=100)
+        store.fetcher.get_bytes((sibling / "x.jpg").as_uri(), max_bytes=100)
 
 
 def test_symlink_escape_is_forbidden(tmp_path: Path, store: FileStore) -> None:
@@ -104,23 +104,23 @@ def test_symlink_escape_is_forbidden(tmp_path: Path, store: FileStore) -> None:
     (store.root / "link.jpg").symlink_to(secret)
     (store.root / "linkdir").symlink_to(tmp_path)
     with pytest.raises(ForbiddenMedia):
-        store.get_bytes((store.root / "link.jpg").as_uri(), max_bytes=100)
+        store.fetcher.get_bytes((store.root / "link.jpg").as_uri(), max_bytes=100)
     with pytest.raises(ForbiddenMedia):
-        store.get_bytes((store.root / "linkdir" / "secret.txt").as_uri(), max_bytes=100)
+        store.fetcher.get_bytes((store.root / "linkdir" / "secret.txt").as_uri(), max_bytes=100)
 
 
 def test_symlink_inside_root_is_allowed(store: FileStore) -> None:
     (store.root / "real.jpg").write_bytes(b"ok")
     (store.root / "alias.jpg").symlink_to(store.root / "real.jpg")
-    assert store.get_bytes((store.root / "alias.jpg").as_uri(), max_bytes=10) == b"ok"
+    assert store.fetcher.get_bytes((store.root / "alias.jpg").as_uri(), max_bytes=10) == b"ok"
 
 
 def test_size_limit_from_stat(store: FileStore) -> None:
     path = store.root / "big.bin"
     path.write_bytes(b"x" * 1001)
     with pytest.raises(MediaTooLarge):
-        store.get_bytes(path.as_uri(), max_bytes=1000)
-    assert store.get_bytes(path.as_uri(), max_bytes=1001) == b"x" * 1001
+        store.fetcher.get_bytes(path.as_uri(), max_bytes=1000)
+    assert store.fetcher.get_bytes(path.as_uri(), max_bytes=1001) == b"x" * 1001
 
 
 def test_sparse_huge_file_is_refused_without_reading(store: FileStore) -> None:
@@ -129,14 +129,14 @@ def test_sparse_huge_file_is_refused_without_reading(store: FileStore) -> None:
     with open(path, "wb") as f:
         f.truncate(64 * 1024**3)
     with pytest.raises(MediaTooLarge):
-        store.get_bytes(path.as_uri(), max_bytes=1024)
+        store.fetcher.get_bytes(path.as_uri(), max_bytes=1024)
 
 
 def test_fifo_is_not_read(store: FileStore) -> None:
     fifo = store.root / "pipe.jpg"
     os.mkfifo(fifo)
     with pytest.raises(MediaNotFound):  # must return at once, not block on the pipe
-        store.get_bytes(fifo.as_uri(), max_bytes=10)
+        store.fetcher.get_bytes(fifo.as_uri(), max_bytes=10)
 
 
 def test_file_media_disabled_without_root(tmp_path: Path) -> None:
@@ -152,7 +152,7 @@ def test_file_media_disabled_without_root(tmp_path: Path) -> None:
 )
 def test_malformed_urls_are_refused(store: FileStore, url: str) -> None:
     with pytest.raises(InvalidMediaUrl):
-        store.get_bytes(url, max_bytes=10)
+        store.fetcher.get_bytes(url, max_bytes=10)
 
 
 def test_open_store_file_url(tmp_path: Path) -> None:
@@ -163,10 +163,10 @@ def test_open_store_file_url(tmp_path: Path) -> None:
     assert isinstance(store, FileStore)
     url = store.put_json("results/x.json", {"a": 1})
     assert Path(url[len("file://") :]).is_file()
-    assert store.get_bytes((media / "a.png").as_uri(), max_bytes=3) == b"png"
+    assert store.fetcher.get_bytes((media / "a.png").as_uri(), max_bytes=3) == b"png"
     # the store directory itself is not under the media root here
     with pytest.raises(ForbiddenMedia):
-        store.get_bytes(url, max_bytes=100)
+        store.fetcher.get_bytes(url, max_bytes=100)
     with pytest.raises(ValueError):
         open_store("gs://bucket/prefix")
 
