@@ -116,8 +116,8 @@ def with_sampling(prepared: Any, sampling: Any) -> Any:
 
 def _outputs(results: list) -> tuple[int, list[list[int]]]:
     for result in results:
-        if not hasattr(result, "text"):
-            raise RuntimeError(f"bench job failed: {result!r}")
+        if isinstance(result, BaseException):  # the engines return a failed request's own error in its place
+            raise RuntimeError(f"bench job failed: {result!r}") from result
     return sum(r.completion_tokens for r in results), [list(r.token_ids) for r in results]
 
 
@@ -214,8 +214,8 @@ def run_continuous(loaded: Any, items: list, *, cap: int, knobs: ContinuousKnobs
                      extra={"steps": s.steps, "decode_steps": s.decode_steps, "prefill_chunks": s.prefill_chunks,
                             "vision_calls": s.vision_calls, "max_decode_stall_ms": round(s.max_decode_stall_ms, 2),
                             "preempted": s.preempted,
-                            **{f"{part}_seconds": round(getattr(s, f"{part}_seconds"), 4)
-                               for part in ("vision", "prefill", "decode") if hasattr(s, f"{part}_seconds")}})
+                            "vision_seconds": round(s.vision_seconds, 4), "prefill_seconds": round(s.prefill_seconds, 4),
+                            "decode_seconds": round(s.decode_seconds, 4)})
 
 
 def _results(futures: list) -> list:

@@ -109,7 +109,7 @@ def _resolve_secret(settings: Settings, secret_name: str | None) -> str | None:
     secret = settings.webhook_secrets.get(secret_name) if secret_name else settings.webhook_secret
     if secret is None:
         return None
-    return secret.get_secret_value() if hasattr(secret, "get_secret_value") else str(secret)
+    return secret.get_secret_value()
 
 
 def _retry_after_s(headers: dict[str, str]) -> float | None:
