@@ -128,7 +128,7 @@ def build_mixes(media: MediaSet, url_of, *, jobs: int, max_new_tokens: int | Non
             kinds = [name] * jobs
         lengths = job_lengths(seed, name, jobs) if max_new_tokens is None else [max_new_tokens] * jobs
         requests = [_request(kind, i, media, url_of, rng, length)
-                    for i, (kind, length) in enumerate(zip(kinds, lengths))]
+                    for i, (kind, length) in enumerate(zip(kinds, lengths, strict=True))]
         used = {n for r in requests for item in r.media_items() for n in [item.url.rsplit("/", 1)[-1]]}
         mixes[name] = Mix(name, requests, {n: media.data[n] for n in used}, description=", ".join(
             f"{k} {kinds.count(k)}" for k in dict.fromkeys(kinds)))

@@ -85,7 +85,7 @@ class Engine:
             # Never exceed the batch size the warm-up proved fits.
             for start in range(0, len(positions), self.max_batch_size):
                 chunk = positions[start : start + self.max_batch_size]
-                for position, result in zip(chunk, self._run_group([items[p] for p in chunk])):
+                for position, result in zip(chunk, self._run_group([items[p] for p in chunk]), strict=True):
                     results[position] = result
         return results  # type: ignore[return-value]
 
@@ -188,7 +188,8 @@ class Engine:
         self.stats.padded_tokens += pad_count
         self.stats.total_tokens += padded_total
         self.stats.generate_seconds += seconds
-        return [self._output(item, tokens, longest, seconds, len(items)) for item, tokens in zip(items, new_tokens)]
+        return [self._output(item, tokens, longest, seconds, len(items))
+                for item, tokens in zip(items, new_tokens, strict=True)]
 
     def _output(self, item: Prepared, tokens: list[int], longest: int, seconds: float, batch_size: int) -> Output:
         eos_at = next((i for i, token in enumerate(tokens) if token in self.eos_ids), None)

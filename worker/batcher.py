@@ -211,7 +211,7 @@ class MicroBatcher(ModelThreadQueue, Generic[T, R]):
                 results = [exc] * len(batch)
             finally:
                 self._busy = False
-            for p, res in zip(batch, results):
+            for p, res in zip(batch, results, strict=True):
                 if isinstance(res, BaseException):
                     p.future.set_exception(res)
                 else:
