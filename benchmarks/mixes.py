@@ -94,7 +94,8 @@ def _request(kind: str, i: int, media: MediaSet, url_of, rng: random.Random, max
         prompt = " ".join([prompt] * rng.randint(1, 4))
         return JobRequest.simple(prompt, generation=generation)
     if kind == "one_tile":
-        return JobRequest.simple(prompt, images=[url_of(media.one_tile[i % len(media.one_tile)])], generation=generation)
+        return JobRequest.simple(prompt, images=[url_of(media.one_tile[i % len(media.one_tile)])],
+                                 generation=generation)
     if kind == "many_tiles":
         return JobRequest.simple(prompt, images=[url_of(media.many_tiles[i % len(media.many_tiles)])],
                                  generation=generation)

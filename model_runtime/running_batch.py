@@ -136,7 +136,7 @@ class RunningBatch:
         self.next_ids = next_ids  # (rows,) token fed next: each row's last chosen token
 
     @classmethod
-    def from_prefill(cls, row: Row, cache: DynamicCache, prompt_length: int, first_token: int) -> "RunningBatch":
+    def from_prefill(cls, row: Row, cache: DynamicCache, prompt_length: int, first_token: int) -> RunningBatch:
         device = row.prompt_ids.device
         return cls([row], cache, torch.ones((1, prompt_length), dtype=torch.long, device=device),
                    torch.tensor([prompt_length], device=device), torch.tensor([first_token], device=device))
@@ -165,7 +165,7 @@ class RunningBatch:
     def columns(self) -> int:
         return int(self.mask.shape[1])
 
-    def concatenate(self, others: list["RunningBatch"]) -> None:
+    def concatenate(self, others: list[RunningBatch]) -> None:
         """The rows of `others` join, all at once; every cache is left-padded to the longest."""
         batches = [self, *others]
         columns = max(b.columns for b in batches)

@@ -89,8 +89,8 @@ class Prepared:
     """
 
     request_id: str
-    input_ids: "torch.Tensor"
-    pixel_values: "torch.Tensor | None"
+    input_ids: torch.Tensor
+    pixel_values: torch.Tensor | None
     sampling: Sampling
     prompt_tokens: int
     image_tiles: int

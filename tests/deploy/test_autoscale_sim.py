@@ -89,7 +89,8 @@ def test_main_json_is_one_object_with_sweep(sim, capsys):
 def test_runs_as_a_standalone_script_and_writes_the_plot(tmp_path):
     png = tmp_path / "scaling.png"
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--pattern", "burst", "--no-sweep", "--plot", str(png), "--throughput", "3"],
+        [sys.executable, str(SCRIPT), "--quick", "--pattern", "burst", "--no-sweep", "--plot", str(png),
+         "--throughput", "3"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr

@@ -61,7 +61,8 @@ def mixed(runtime, media, lengths=(24, 5, 40, 17, 30, 9, 12)) -> list[Prepared]:
 def solo_tokens(runtime, item: Prepared) -> list[int]:
     """What `model.generate` gives this request alone (greedy), EOS excluded."""
     tokenizer = runtime.processor.tokenizer
-    inputs: dict[str, Any] = {"input_ids": item.input_ids[None], "attention_mask": torch.ones_like(item.input_ids)[None]}
+    inputs: dict[str, Any] = {"input_ids": item.input_ids[None],
+                              "attention_mask": torch.ones_like(item.input_ids)[None]}
     if item.pixel_values is not None:
         inputs["pixel_values"] = item.pixel_values
     with torch.inference_mode():
