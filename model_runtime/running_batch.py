@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from model_runtime.types import Output, Prepared
+from model_runtime.types import FinishReason, Output, Prepared
 
 
 @dataclass(eq=False)  # identity: rows and joiners are looked up in lists
@@ -42,13 +42,13 @@ class Row:
     def request_id(self) -> str:
         return self.prepared.request_id
 
-    def output(self, tokenizer: Any, reason: str, *, text: str | None = None,
+    def output(self, tokenizer: Any, reason: FinishReason, *, text: str | None = None,
                completion: int | None = None) -> Output:
         """The row's result, now: its text (or `text`, cut at a stop string) and its counts."""
         return Output(
             request_id=self.request_id,
             text=tokenizer.decode(self.generated, skip_special_tokens=True) if text is None else text,
-            finish_reason=reason,  # type: ignore[arg-type]
+            finish_reason=reason,
             prompt_tokens=self.prepared.prompt_tokens,
             completion_tokens=len(self.generated) if completion is None else completion,
             generate_ms=(time.monotonic() - self.admitted_at) * 1000.0,
@@ -110,6 +110,20 @@ class Joining:
     @property
     def prepared(self) -> Prepared:
         return self.row.prepared
+
+    def tile_pixels(self, start: int, count: int) -> torch.Tensor:
+        """`count` rows of the request's pixel values from `start` (only requests with tiles reach the tower)."""
+        pixels = self.prepared.pixel_values
+        if pixels is None:
+            raise RuntimeError(f"{self.prepared.request_id} has no tiles to encode")
+        return pixels[start : start + count]
+
+    @property
+    def ready_embeds(self) -> torch.Tensor:
+        """`embeds`, for prefill (only requests whose tiles are all encoded reach it)."""
+        if self.embeds is None:
+            raise RuntimeError(f"{self.prepared.request_id} reached prefill before its prompt was embedded")
+        return self.embeds
 
 
 def _stack_right(parts: list[torch.Tensor], columns: int) -> torch.Tensor:
