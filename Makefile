@@ -1,5 +1,6 @@
 # make demo: the whole path on an embedded Redis with the tiny offline model.
-# make test: the whole suite (unit, integration, e2e, faults, deploy, bench smoke).
+# make lint: ruff, mypy and the import boundaries (import-linter), as configured in pyproject.toml.
+# make test: lint, then the whole suite (unit, integration, e2e, faults, deploy, bench smoke).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -26,11 +27,19 @@ install: $(STAMP)
 demo: install
 	$(VENV)/bin/internvl-queue demo
 
-test: install $(TOOLS)
+# Every checker runs, even after one fails, so one run shows every finding.
+lint: install
+	@status=0; \
+	echo "ruff check ."; $(VENV)/bin/ruff check . || status=1; \
+	echo "mypy"; $(VENV)/bin/mypy || status=1; \
+	echo "lint-imports"; $(VENV)/bin/lint-imports --no-logo || status=1; \
+	exit $$status
+
+test: install $(TOOLS) lint
 	$(PY) -m pytest -q
 
 bench: install
 	$(VENV)/bin/internvl-queue bench
 
 clean:
-	rm -rf .ivq-data .pytest_cache
+	rm -rf .ivq-data .pytest_cache .ruff_cache .mypy_cache .import_linter_cache

@@ -82,7 +82,7 @@ class EngineRun:
 
     def same_tokens(self, other: EngineRun) -> float:
         """Share of jobs whose generated ids equal `other`'s (greedy: 1.0 whatever the batching)."""
-        pairs = list(zip(self.token_ids, other.token_ids))
+        pairs = list(zip(self.token_ids, other.token_ids, strict=True))
         return sum(a == b for a, b in pairs) / len(pairs) if pairs else 1.0
 
     def as_dict(self) -> dict[str, Any]:
@@ -104,7 +104,7 @@ def prepare_all(loaded: Any, requests: list, decoded: list[dict], *, max_tiles: 
     return [
         prepare(loaded.processor, chat_of(request), media, sampling_of(request.generation), request_id=f"bench-{i}",
                 max_tiles=max_tiles, context_length=loaded.context_length)
-        for i, (request, media) in enumerate(zip(requests, decoded))
+        for i, (request, media) in enumerate(zip(requests, decoded, strict=True))
     ]
 
 

@@ -94,7 +94,8 @@ def _request(kind: str, i: int, media: MediaSet, url_of, rng: random.Random, max
         prompt = " ".join([prompt] * rng.randint(1, 4))
         return JobRequest.simple(prompt, generation=generation)
     if kind == "one_tile":
-        return JobRequest.simple(prompt, images=[url_of(media.one_tile[i % len(media.one_tile)])], generation=generation)
+        return JobRequest.simple(prompt, images=[url_of(media.one_tile[i % len(media.one_tile)])],
+                                 generation=generation)
     if kind == "many_tiles":
         return JobRequest.simple(prompt, images=[url_of(media.many_tiles[i % len(media.many_tiles)])],
                                  generation=generation)
@@ -128,7 +129,7 @@ def build_mixes(media: MediaSet, url_of, *, jobs: int, max_new_tokens: int | Non
             kinds = [name] * jobs
         lengths = job_lengths(seed, name, jobs) if max_new_tokens is None else [max_new_tokens] * jobs
         requests = [_request(kind, i, media, url_of, rng, length)
-                    for i, (kind, length) in enumerate(zip(kinds, lengths))]
+                    for i, (kind, length) in enumerate(zip(kinds, lengths, strict=True))]
         used = {n for r in requests for item in r.media_items() for n in [item.url.rsplit("/", 1)[-1]]}
         mixes[name] = Mix(name, requests, {n: media.data[n] for n in used}, description=", ".join(
             f"{k} {kinds.count(k)}" for k in dict.fromkeys(kinds)))

@@ -33,8 +33,8 @@ def _cpu_model() -> str:
 
 def _git_commit() -> str | None:
     try:
-        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5, check=False,
-                              cwd=Path(__file__).resolve().parent)
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                              check=False, cwd=Path(__file__).resolve().parent)
         return done.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None

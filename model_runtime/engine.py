@@ -30,7 +30,7 @@ from typing import Any
 import structlog
 
 from model_runtime.types import (
-    DeadlineExceeded, GenerationFailed, Output, Prepared, RequestCancelled, Sampling, TooLargeForGPU,
+    DeadlineExceeded, FinishReason, GenerationFailed, Output, Prepared, RequestCancelled, Sampling, TooLargeForGPU,
 )
 
 log = structlog.get_logger(__name__)
@@ -68,7 +68,7 @@ class Engine:
 
     def generate_batch(self, items: list[Prepared]) -> list[Output | Exception]:
         """One result per item, in the same order: its `Output`, or the exception for it alone."""
-        results: list[Output | Exception | None] = [None] * len(items)
+        results: dict[int, Output | Exception] = {}  # by position in `items`
         groups: dict[Sampling, list[int]] = {}
         now = time.monotonic()
         for position, item in enumerate(items):
@@ -82,9 +82,9 @@ class Engine:
             # Never exceed the batch size the warm-up proved fits.
             for start in range(0, len(positions), self.max_batch_size):
                 chunk = positions[start : start + self.max_batch_size]
-                for position, result in zip(chunk, self._run_group([items[p] for p in chunk])):
+                for position, result in zip(chunk, self._run_group([items[p] for p in chunk]), strict=True):
                     results[position] = result
-        return results  # type: ignore[return-value]
+        return [results[position] for position in range(len(items))]
 
     def warmup(self, max_batch_size: int | None = None, *, max_new_tokens: int = 16) -> float:
         """Generate one batch of the largest size, each row with a representative image.
@@ -115,7 +115,7 @@ class Engine:
         import torch
 
         try:
-            return self._generate(items)
+            return list(self._generate(items))  # as list[Output | Exception]: list is invariant
         except torch.cuda.OutOfMemoryError:
             pass  # handled below, once the traceback no longer pins the batch's tensors
         except Exception as exc:  # noqa: BLE001 - one bad group must not take the batch thread down
@@ -185,13 +185,14 @@ class Engine:
         self.stats.padded_tokens += pad_count
         self.stats.total_tokens += padded_total
         self.stats.generate_seconds += seconds
-        return [self._output(item, tokens, longest, seconds, len(items)) for item, tokens in zip(items, new_tokens)]
+        return [self._output(item, tokens, longest, seconds, len(items))
+                for item, tokens in zip(items, new_tokens, strict=True)]
 
     def _output(self, item: Prepared, tokens: list[int], longest: int, seconds: float, batch_size: int) -> Output:
         eos_at = next((i for i, token in enumerate(tokens) if token in self.eos_ids), None)
         kept = tokens if eos_at is None else tokens[:eos_at]
         text = self._decode(kept)
-        finish_reason = "length" if eos_at is None else "stop"
+        finish_reason: FinishReason = "length" if eos_at is None else "stop"
         completion_tokens = len(kept) + (0 if eos_at is None else 1)  # the stop token counts
         cut = _first_stop(text, item.sampling.stop)
         if cut is not None:

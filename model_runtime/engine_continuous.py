@@ -222,7 +222,7 @@ class ContinuousEngine(MemoryPolicy):
     def _encode_parts(self, parts: list[tuple[Joining, int, int]], finished: list[Finished]) -> None:
         """One vision call over these tiles; on an error other than OOM, each request again alone,
         so one bad input fails only itself."""
-        pixels = torch.cat([j.prepared.pixel_values[s : s + n] for j, s, n in parts])
+        pixels = torch.cat([j.tile_pixels(s, n) for j, s, n in parts])
         try:
             features = image_features(self.model, pixels)
         except Exception as exc:  # noqa: BLE001 - fails (or defers) only the requests in this call
@@ -257,7 +257,7 @@ class ContinuousEngine(MemoryPolicy):
                 chunks.append((joining, joining.prefilled + take))
                 budget -= take
         if len(pack) == 1:
-            chunks.insert(0, (pack[0], int(pack[0].embeds.shape[1])))
+            chunks.insert(0, (pack[0], int(pack[0].ready_embeds.shape[1])))
             pack = []
         if pack and not self._prefill_packed(pack, finished):
             return
@@ -267,32 +267,32 @@ class ContinuousEngine(MemoryPolicy):
 
     def _prefill_packed(self, pack: list[Joining], finished: list[Finished]) -> bool:
         try:
-            logits, caches = packed_prefill(self.model, [j.embeds for j in pack], self.attn_implementation)
+            logits, caches = packed_prefill(self.model, [j.ready_embeds for j in pack], self.attn_implementation)
         except Exception as exc:  # noqa: BLE001
             if isinstance(exc, torch.cuda.OutOfMemoryError):
                 self._joining_failed(pack, exc, finished)
                 return False
             for joining in pack:  # find the one that fails: each alone
-                self._prefill_chunk(joining, int(joining.embeds.shape[1]), finished)
+                self._prefill_chunk(joining, int(joining.ready_embeds.shape[1]), finished)
             return True
         self.stats.prefill_chunks += 1
-        self.stats.prefill_tokens += sum(int(j.embeds.shape[1]) for j in pack)
+        self.stats.prefill_tokens += sum(int(j.ready_embeds.shape[1]) for j in pack)
         for index, joining in enumerate(pack):
-            joining.cache, joining.prefilled = caches[index], int(joining.embeds.shape[1])
+            joining.cache, joining.prefilled = caches[index], int(joining.ready_embeds.shape[1])
             self._joined(joining, logits[index : index + 1], finished)
         return True
 
     def _prefill_chunk(self, joining: Joining, end: int, finished: list[Finished]) -> bool:
         start = joining.prefilled
         try:
-            out = chunk_prefill(self.model, joining.embeds, joining.cache, start, end)
+            out = chunk_prefill(self.model, joining.ready_embeds, joining.cache, start, end)
         except Exception as exc:  # noqa: BLE001
             self._joining_failed([joining], exc, finished)
             return not isinstance(exc, torch.cuda.OutOfMemoryError)
         joining.cache, joining.prefilled = out.past_key_values, end
         self.stats.prefill_chunks += 1
         self.stats.prefill_tokens += end - start
-        if end == joining.embeds.shape[1]:
+        if end == joining.ready_embeds.shape[1]:
             self._joined(joining, out.logits[:, -1, :], finished)
         return True
 
@@ -307,7 +307,7 @@ class ContinuousEngine(MemoryPolicy):
                               eos_ids=self.eos_ids)[0]
         if self._advance(row, token, finished):
             return
-        self._ready.append(RunningBatch.from_prefill(row, joining.cache, int(joining.embeds.shape[1]), token))
+        self._ready.append(RunningBatch.from_prefill(row, joining.cache, int(joining.ready_embeds.shape[1]), token))
 
     def _merge_ready(self) -> None:
         """Requests prefilled this step join the running batch, in one copy of the cache."""

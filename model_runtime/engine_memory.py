@@ -19,13 +19,22 @@ from collections import deque
 import structlog
 import torch
 
-from model_runtime.running_batch import Joining
-from model_runtime.types import GenerationFailed, TooLargeForGPU
+from model_runtime.running_batch import ContinuousStats, Joining, RunningBatch
+from model_runtime.types import GenerationFailed, Prepared, TooLargeForGPU
 
 log = structlog.get_logger(__name__)
 
 
 class MemoryPolicy:
+    # The engine's state this works on (set by ContinuousEngine.__init__).
+    stats: ContinuousStats
+    _waiting: deque[tuple[Prepared, float]]
+    _joining: list[Joining]
+    _running: RunningBatch | None
+    _ready: list[RunningBatch]
+    _join_limit: int
+    _admit_below: int | None
+
     def _joining_failed(self, joiners: list[Joining], exc: Exception, finished: list) -> None:
         for joining in joiners:
             if joining in self._joining:

@@ -133,7 +133,8 @@ def load_runtime(
         attention, why = "eager", f"{attention} failed: {exc}"
         net = AutoModelForImageTextToText.from_pretrained(path, attn_implementation=attention, **kwargs)
     if quant_config is None:
-        net = net.to(device)
+        # PreTrainedModel.to is decorated with functools.wraps, which typeshed types as not binding `self`.
+        net = net.to(device)  # type: ignore[arg-type]
     net.eval()
 
     processor = AutoProcessor.from_pretrained(path, cache_dir=hub_cache)

@@ -114,8 +114,7 @@ def decode_image(data: bytes, limits: MediaLimits) -> Image.Image:
         raise _too_large(f"image is {width}x{height} pixels, limit {limits.max_image_pixels} pixels")
     try:
         image.load()  # GIF: the first frame, which open() positioned us on
-        image = ImageOps.exif_transpose(image) or image
-        return _to_rgb(image)
+        return _to_rgb(ImageOps.exif_transpose(image))  # a new upright image; None only with in_place=True
     except Image.DecompressionBombError as exc:
         raise _too_large(f"image has too many pixels: {exc}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:

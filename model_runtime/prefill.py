@@ -73,7 +73,7 @@ def packed_prefill(model: Any, embeds: list[torch.Tensor], attn_implementation: 
     )
     layers = list(out.past_key_values)
     caches = []
-    for end, length in zip(ends.tolist(), lengths):
+    for end, length in zip(ends.tolist(), lengths, strict=True):
         start = end - length
         caches.append(DynamicCache(ddp_cache_data=[(k[:, :, start:end], v[:, :, start:end]) for k, v, *_ in layers]))
     return out.logits[0], caches

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from model_runtime.types import Output, Prepared
+from model_runtime.types import FinishReason, Output, Prepared
 
 
 @dataclass(eq=False)  # identity: rows and joiners are looked up in lists
@@ -42,13 +42,13 @@ class Row:
     def request_id(self) -> str:
         return self.prepared.request_id
 
-    def output(self, tokenizer: Any, reason: str, *, text: str | None = None,
+    def output(self, tokenizer: Any, reason: FinishReason, *, text: str | None = None,
                completion: int | None = None) -> Output:
         """The row's result, now: its text (or `text`, cut at a stop string) and its counts."""
         return Output(
             request_id=self.request_id,
             text=tokenizer.decode(self.generated, skip_special_tokens=True) if text is None else text,
-            finish_reason=reason,  # type: ignore[arg-type]
+            finish_reason=reason,
             prompt_tokens=self.prepared.prompt_tokens,
             completion_tokens=len(self.generated) if completion is None else completion,
             generate_ms=(time.monotonic() - self.admitted_at) * 1000.0,
@@ -111,6 +111,20 @@ class Joining:
     def prepared(self) -> Prepared:
         return self.row.prepared
 
+    def tile_pixels(self, start: int, count: int) -> torch.Tensor:
+        """`count` rows of the request's pixel values from `start` (only requests with tiles reach the tower)."""
+        pixels = self.prepared.pixel_values
+        if pixels is None:
+            raise RuntimeError(f"{self.prepared.request_id} has no tiles to encode")
+        return pixels[start : start + count]
+
+    @property
+    def ready_embeds(self) -> torch.Tensor:
+        """`embeds`, for prefill (only requests whose tiles are all encoded reach it)."""
+        if self.embeds is None:
+            raise RuntimeError(f"{self.prepared.request_id} reached prefill before its prompt was embedded")
+        return self.embeds
+
 
 def _stack_right(parts: list[torch.Tensor], columns: int) -> torch.Tensor:
     """The rows of (batch, heads, length, dim) tensors in one, each right-aligned in `columns`: one copy."""
@@ -136,7 +150,7 @@ class RunningBatch:
         self.next_ids = next_ids  # (rows,) token fed next: each row's last chosen token
 
     @classmethod
-    def from_prefill(cls, row: Row, cache: DynamicCache, prompt_length: int, first_token: int) -> "RunningBatch":
+    def from_prefill(cls, row: Row, cache: DynamicCache, prompt_length: int, first_token: int) -> RunningBatch:
         device = row.prompt_ids.device
         return cls([row], cache, torch.ones((1, prompt_length), dtype=torch.long, device=device),
                    torch.tensor([prompt_length], device=device), torch.tensor([first_token], device=device))
@@ -165,7 +179,7 @@ class RunningBatch:
     def columns(self) -> int:
         return int(self.mask.shape[1])
 
-    def concatenate(self, others: list["RunningBatch"]) -> None:
+    def concatenate(self, others: list[RunningBatch]) -> None:
         """The rows of `others` join, all at once; every cache is left-padded to the longest."""
         batches = [self, *others]
         columns = max(b.columns for b in batches)

@@ -8,6 +8,7 @@ tell which source frame a sampler picked.
 from __future__ import annotations
 
 import io
+from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -51,7 +52,7 @@ def make_sample_video(
     width, height = width + width % 2, height + height % 2  # yuv420p needs even sizes
     out = io.BytesIO()
     with av.open(out, mode="w", format="mp4") as container:
-        codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+        codec: Literal["libx264", "mpeg4"] = "libx264" if "libx264" in av.codecs_available else "mpeg4"
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.codec_context.gop_size = gop or fps

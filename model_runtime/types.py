@@ -19,8 +19,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "RUNTIME_ERROR_CODES", "RequestError", "TooLargeForGPU", "RequestCancelled", "DeadlineExceeded",
-    "GenerationFailed", "Sampling", "Prepared", "Output",
+    "GenerationFailed", "Sampling", "Prepared", "Output", "FinishReason",
 ]
+
+FinishReason = Literal["stop", "length"]  # "stop": EOS or a stop string; "length": max_new_tokens reached
 
 # Every `code` a runtime error carries; each is also a wire ErrorCode (a test checks).
 RUNTIME_ERROR_CODES = frozenset({
@@ -93,8 +95,8 @@ class Prepared:
     """
 
     request_id: str
-    input_ids: "torch.Tensor"
-    pixel_values: "torch.Tensor | None"
+    input_ids: torch.Tensor
+    pixel_values: torch.Tensor | None
     sampling: Sampling
     prompt_tokens: int
     image_tiles: int
@@ -116,7 +118,7 @@ class Output:
 
     request_id: str
     text: str
-    finish_reason: Literal["stop", "length"]
+    finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
     generate_ms: float  # from admission (vision + prefill start) to the last token

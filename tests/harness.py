@@ -6,8 +6,8 @@ tiny random-weight checkpoint, so output text is gibberish by design.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 from celery.contrib.testing.worker import start_worker
 

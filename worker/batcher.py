@@ -198,7 +198,7 @@ class MicroBatcher(ModelThreadQueue, Generic[T, R]):
                     raise RuntimeError(f"batch function returned {len(results)} results for {len(batch)} items")
             except BaseException as exc:  # noqa: BLE001 - every request of a failed batch gets the error
                 results = [exc] * len(batch)
-            for p, res in zip(batch, results):
+            for p, res in zip(batch, results, strict=True):
                 if isinstance(res, BaseException):
                     p.future.set_exception(res)
                 else:

@@ -126,7 +126,7 @@ def _report(client: JobClient, planned: list, ids: list[str], statuses: list, el
     print(f"\n{'job':<10} {'kind':<16} {'state':<10} {'batch':>5} {'queue ms':>9} {'gen ms':>8}  output / error")
     ok = 0
     sizes: set[int] = set()
-    for (kind, _req, expected), job_id, status in zip(planned, ids, statuses):
+    for (kind, _req, expected), job_id, status in zip(planned, ids, statuses, strict=True):
         result = client.result(job_id)
         if status.state.value == expected:
             ok += 1

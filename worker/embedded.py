@@ -76,7 +76,13 @@ class EmbeddedRedis:
         self.start()
         # A weak reference, so the hook does not keep a forgotten server object alive.
         ref = weakref.ref(self)
-        atexit.register(lambda: (server := ref()) is not None and server.stop())
+
+        def stop_at_exit() -> None:
+            server = ref()
+            if server is not None:
+                server.stop()
+
+        atexit.register(stop_at_exit)
 
     @property
     def url(self) -> str:

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import structlog
 
@@ -97,7 +98,7 @@ def _start_static(loaded: Any, s: Settings, *, metrics: Any, worker_id: str,
         structlog.contextvars.unbind_contextvars("batch_id")
         # A request's own failure stays an exception: the batcher raises it through that request's future.
         return [o if isinstance(o, BaseException) else BatchOutcome(o, batch_id, info.size, waited)
-                for o, waited in zip(outputs, info.waited_s)]
+                for o, waited in zip(outputs, info.waited_s, strict=True)]
 
     queue = MicroBatcher(
         run_batch, max_batch_size=s.max_batch_size, max_wait_ms=s.max_wait_ms, max_batch_cost=s.max_batch_cost,

@@ -108,7 +108,7 @@ class Settings(BaseSettings):
         return json.loads(v) if isinstance(v, str) else v
 
     @model_validator(mode="after")
-    def _consistent_timeouts(self) -> "Settings":
+    def _consistent_timeouts(self) -> Settings:
         # The broker redelivers an unacked message after the visibility timeout: it
         # must outlast the longest job, or a healthy long job runs twice.
         if self.visibility_timeout_s <= self.job_timeout_s:

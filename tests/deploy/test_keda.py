@@ -24,12 +24,15 @@ SCALED_OBJECT_SPEC = {
     "minReplicaCount": (OPT, None),
     "maxReplicaCount": (OPT, None),
     "fallback": (OPT, {"failureThreshold": REQ, "replicas": REQ}),
-    "advanced": (OPT, {"restoreToOriginalReplicaCount": OPT, "horizontalPodAutoscalerConfig": OPT, "scalingModifiers": OPT}),
+    "advanced": (OPT, {"restoreToOriginalReplicaCount": OPT, "horizontalPodAutoscalerConfig": OPT,
+                       "scalingModifiers": OPT}),
     "triggers": (REQ, None),
 }
 HPA_CONFIG = {"name": OPT, "behavior": OPT}
 SCALING_MODIFIERS = {"formula": REQ, "target": REQ, "activationTarget": OPT, "metricType": OPT}
-TRIGGER = {"type": REQ, "metadata": REQ, "name": OPT, "useCachedMetrics": OPT, "authenticationRef": OPT, "metricType": OPT}
+TRIGGER = {
+    "type": REQ, "metadata": REQ, "name": OPT, "useCachedMetrics": OPT, "authenticationRef": OPT, "metricType": OPT,
+}
 AUTH_REF = {"name": REQ, "kind": OPT}
 REDIS_METADATA = {
     "listName": REQ, "listLength": REQ, "activationListLength": OPT,
@@ -41,10 +44,18 @@ PROMETHEUS_METADATA = {
     "namespace": OPT, "customHeaders": OPT, "ignoreNullValues": OPT, "unsafeSsl": OPT, "authModes": OPT,
 }  # fmt: skip
 REDIS_AUTH_PARAMETERS = {"address", "host", "port", "username", "password", "tls", "ca", "cert", "key", "keyPassword"}
-TRIGGER_AUTH_SPEC = {"podIdentity", "secretTargetRef", "env", "hashiCorpVault", "azureKeyVault", "awsSecretManager", "gcpSecretManager"}
+TRIGGER_AUTH_SPEC = {
+    "podIdentity", "secretTargetRef", "env", "hashiCorpVault", "azureKeyVault", "awsSecretManager", "gcpSecretManager",
+}
 SECRET_TARGET_REF = {"parameter": REQ, "name": REQ, "key": REQ}
-POD_MONITOR_SPEC = {"selector": REQ, "podMetricsEndpoints": REQ, "namespaceSelector": OPT, "jobLabel": OPT, "podTargetLabels": OPT, "sampleLimit": OPT}
-POD_METRICS_ENDPOINT = {"port": OPT, "path": OPT, "interval": OPT, "scrapeTimeout": OPT, "scheme": OPT, "honorLabels": OPT, "relabelings": OPT, "metricRelabelings": OPT}
+POD_MONITOR_SPEC = {
+    "selector": REQ, "podMetricsEndpoints": REQ, "namespaceSelector": OPT, "jobLabel": OPT, "podTargetLabels": OPT,
+    "sampleLimit": OPT,
+}
+POD_METRICS_ENDPOINT = {
+    "port": OPT, "path": OPT, "interval": OPT, "scrapeTimeout": OPT, "scheme": OPT, "honorLabels": OPT,
+    "relabelings": OPT, "metricRelabelings": OPT,
+}
 
 
 def check_fields(obj: dict, allowed: dict, where: str) -> None:
@@ -101,7 +112,8 @@ def test_hpa_behavior_is_a_valid_autoscaling_v2_behavior(rendered):
             "apiVersion": "autoscaling/v2",
             "kind": "HorizontalPodAutoscaler",
             "metadata": {"name": "probe"},
-            "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "w"}, "maxReplicas": 2, "behavior": behavior},
+            "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "w"}, "maxReplicas": 2,
+                     "behavior": behavior},
         }
         kubernetes_validate.validate(hpa, "1.30.0", strict=True)
         down = behavior["scaleDown"]
@@ -126,7 +138,7 @@ def test_every_inference_list_is_counted_and_summed(rendered):
 
 
 def test_scale_to_zero_settings(rendered):
-    for overlay, (_, docs) in rendered.items():
+    for _, docs in rendered.values():
         spec = only(docs, "ScaledObject")["spec"]
         assert spec["minReplicaCount"] == 0
         assert spec["maxReplicaCount"] >= 1

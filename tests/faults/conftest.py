@@ -6,8 +6,8 @@ filled without disturbing other tests) and its workers as subprocesses.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 

@@ -76,7 +76,7 @@ class WorkerProc:
         self.proc: subprocess.Popen | None = None
         self.started_at = 0.0
 
-    def start(self) -> "WorkerProc":
+    def start(self) -> WorkerProc:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
@@ -170,7 +170,7 @@ class Supervisor:
             self.current = proc
         return proc
 
-    def start(self) -> "Supervisor":
+    def start(self) -> Supervisor:
         self._spawn().wait_ready(self.redis_url)
         self._thread.start()
         return self

@@ -37,7 +37,7 @@ def submit_and_drain(client, n: int, tag: str, timeout: float) -> tuple[list[str
         for j in pending:
             pipe.hget(keys.job(j), "state")
         states = pipe.execute()
-        pending = [j for j, s in zip(pending, states) if s not in (b"succeeded", b"failed", b"cancelled")]
+        pending = [j for j, s in zip(pending, states, strict=True) if s not in (b"succeeded", b"failed", b"cancelled")]
         if pending:
             time.sleep(0.25)
     return ids, t_submitted - t0, time.monotonic() - t0

@@ -59,7 +59,8 @@ def test_poison_job_fails_after_max_crashes_and_the_queue_keeps_moving(redis_srv
         {j: (final[j].state.value, final[j].error) for j in good if final[j].state.value != "succeeded"}
     innocent_crashes = sum(int(client.jobs.raw(j).get("crashes", 0)) for j in good)
     assert client.result(poison) is None
-    record(f"poison: 1 poison + {GOOD} good jobs; worker deaths {len(poison_exits)} (exit codes {poison_exits}, each restarted), "
+    record(f"poison: 1 poison + {GOOD} good jobs; worker deaths {len(poison_exits)} "
+           f"(exit codes {poison_exits}, each restarted), "
            f"poison failed with code poison after {MAX_CRASHES} crashes; good "
            f"succeeded {GOOD}/{GOOD} (crashes counted against good jobs: {innocent_crashes}); {elapsed:.0f}s. "
            f"Undecodable raw message: worker exit codes {broken_exits}, next job served")

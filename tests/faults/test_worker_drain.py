@@ -33,7 +33,7 @@ def test_sigterm_finishes_the_batch_in_flight_and_hands_back_the_rest(redis_srv,
     while True:  # wait until the leaving worker has finished a batch and is running more
         rows = [r.hmget(keys.job(j), "state", "worker_id") for j in ids]
         rows = [((s or b"").decode(), (w or b"").decode()) for s, w in rows]
-        running = [j for j, (s, w) in zip(ids, rows) if s == "running" and w == "leaving"]
+        running = [j for j, (s, w) in zip(ids, rows, strict=True) if s == "running" and w == "leaving"]
         if running and ("succeeded", "leaving") in rows:
             break
         assert time.monotonic() < deadline, "the leaving worker never ran a second batch"

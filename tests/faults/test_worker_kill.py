@@ -49,8 +49,8 @@ def test_sigkill_with_jobs_in_flight_every_job_succeeds_exactly_once(s3_server, 
     while True:
         states = [(r.hget(keys.job(j), "state") or b"").decode() for j in ids]
         owners = [(r.hget(keys.job(j), "worker_id") or b"").decode() for j in ids]
-        running_on_victim = [j for j, s, o in zip(ids, states, owners) if s == "running" and o == "victim"]
-        done_by_victim = sum(1 for s, o in zip(states, owners) if s == "succeeded" and o == "victim")
+        running_on_victim = [j for j, s, o in zip(ids, states, owners, strict=True) if s == "running" and o == "victim"]
+        done_by_victim = sum(1 for s, o in zip(states, owners, strict=True) if s == "succeeded" and o == "victim")
         if running_on_victim and done_by_victim >= 1:
             break
         assert time.monotonic() < deadline, "the victim never held a job mid-run"
@@ -60,7 +60,7 @@ def test_sigkill_with_jobs_in_flight_every_job_succeeds_exactly_once(s3_server, 
     # Re-read after the kill: a job can finish between the snapshot above and the kill.
     states = [(r.hget(keys.job(j), "state") or b"").decode() for j in ids]
     owners = [(r.hget(keys.job(j), "worker_id") or b"").decode() for j in ids]
-    running_on_victim = [j for j, s, o in zip(ids, states, owners) if s == "running" and o == "victim"]
+    running_on_victim = [j for j, s, o in zip(ids, states, owners, strict=True) if s == "running" and o == "victim"]
     in_flight = len(running_on_victim)
     queued_at_kill = states.count("queued")
     unfinished = sum(1 for s in states if s in ("queued", "running"))

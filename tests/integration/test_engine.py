@@ -72,7 +72,7 @@ def test_mixed_batch_gives_each_request_its_solo_tokens(tiny_runtime, media):
     assert len({p.prompt_tokens for p in items}) == len(items)  # all lengths differ: real padding
     batched = engine.generate_batch(items)
     alone = [engine.generate_batch([p])[0] for p in items]
-    for item, b, a in zip(items, batched, alone):
+    for item, b, a in zip(items, batched, alone, strict=True):
         assert isinstance(b, Output) and isinstance(a, Output)
         assert b.request_id == item.request_id
         assert (b.text, b.completion_tokens, b.finish_reason) == (a.text, a.completion_tokens, a.finish_reason)
@@ -98,7 +98,7 @@ def test_groups_by_sampling_and_keeps_order(tiny_runtime, media):
     assert engine.stats.batches - before == 2  # one generate per group
     assert [r.request_id for r in results] == [p.request_id for p in items]
     assert [r.batch_size for r in results] == [2, 3, 2, 3, 3]
-    for r, g in zip(results, params):
+    for r, g in zip(results, params, strict=True):
         assert 1 <= r.completion_tokens <= g.max_new_tokens
 
 

@@ -55,13 +55,14 @@ def mixed(runtime, media, lengths=(24, 5, 40, 17, 30, 9, 12)) -> list[Prepared]:
         simple_chat("Describe.", images=[TALL]),
     ]
     return [prep(runtime, chat, media, Sampling(max_new_tokens=n), f"req-{i}")
-            for i, (chat, n) in enumerate(zip(chats, lengths))]
+            for i, (chat, n) in enumerate(zip(chats, lengths, strict=True))]
 
 
 def solo_tokens(runtime, item: Prepared) -> list[int]:
     """What `model.generate` gives this request alone (greedy), EOS excluded."""
     tokenizer = runtime.processor.tokenizer
-    inputs: dict[str, Any] = {"input_ids": item.input_ids[None], "attention_mask": torch.ones_like(item.input_ids)[None]}
+    inputs: dict[str, Any] = {"input_ids": item.input_ids[None],
+                              "attention_mask": torch.ones_like(item.input_ids)[None]}
     if item.pixel_values is not None:
         inputs["pixel_values"] = item.pixel_values
     with torch.inference_mode():
@@ -123,7 +124,7 @@ def test_every_request_gets_its_solo_tokens_beside_videos_and_12_tile_images(tin
     alone = [solo_tokens(tiny_runtime, p) for p in items]
     eng = engine(tiny_runtime, prefill_chunk_tokens=chunk, vision_chunk_tiles=5)
     outs = eng.run_until_done(items)
-    for item, out, ref in zip(items, outs, alone):
+    for item, out, ref in zip(items, outs, alone, strict=True):
         assert isinstance(out, Output), out
         assert out.request_id == item.request_id
         assert out.token_ids == ref
@@ -258,7 +259,7 @@ def test_a_request_that_cannot_fit_alone_ends_too_large_and_the_others_succeed(t
                          and kw["inputs_embeds"].shape[1] > next_longest, oom)
     outs = engine(tiny_runtime, faulty).run_until_done(items)
     assert isinstance(outs[big], TooLargeForGPU) and outs[big].code == "too_large_for_gpu"
-    for i, (item, out) in enumerate(zip(items, outs)):
+    for i, (item, out) in enumerate(zip(items, outs, strict=True)):
         if i != big:
             assert out.token_ids == solo_tokens(tiny_runtime, item)
 

@@ -167,7 +167,7 @@ def test_prepare_is_thread_safe(tiny_runtime, media):
     with ThreadPoolExecutor(max_workers=8) as pool:
         for _ in range(3):
             parallel = list(pool.map(lambda r: _prepare(tiny_runtime, r, media), requests))
-            for a, b in zip(serial, parallel):
+            for a, b in zip(serial, parallel, strict=True):
                 assert torch.equal(a.input_ids, b.input_ids)
                 assert torch.equal(a.pixel_values, b.pixel_values)
                 assert (a.image_tiles, a.video_frames) == (b.image_tiles, b.video_frames)

@@ -69,7 +69,7 @@ def test_many_concurrent_jobs_all_succeed_with_results_in_s3_and_redis(service, 
     statuses = [client.wait(j, timeout=240) for j in ids]
     assert [s.state.value for s in statuses] == ["succeeded"] * 24, [s.error for s in statuses]
     sizes = []
-    for job_id, req in zip(ids, requests):
+    for job_id, req in zip(ids, requests, strict=True):
         result = client.result(job_id)
         assert result is not None and result.job_id == job_id
         assert 1 <= result.usage.completion_tokens <= 8
@@ -79,7 +79,7 @@ def test_many_concurrent_jobs_all_succeed_with_results_in_s3_and_redis(service, 
         assert client.status(job_id).result_url == f"s3://{RESULTS}/ivq/results/{job_id}.json"
         sizes.append(result.batch_size)
     assert max(sizes) > 1, f"no batching observed: {sizes}"
-    video_results = [client.result(j) for j, r in zip(ids, requests) if any(
+    video_results = [client.result(j) for j, r in zip(ids, requests, strict=True) if any(
         c.type == "video" for m in r.messages for c in m.content)]
     assert all(r.usage.video_frames > 0 for r in video_results)
 

@@ -104,7 +104,7 @@ def test_shared_client_from_many_threads(store: S3Store) -> None:
         try:
             store.put_json(f"results/t{i}.json", {"i": i})
             assert store.get_json(f"results/t{i}.json") == {"i": i}
-        except BaseException as exc:  # collected: a thread's assert does not fail the test
+        except BaseException as exc:  # noqa: BLE001 - collected: a thread's assert does not fail the test
             errors.append(exc)
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(16)]

@@ -195,7 +195,7 @@ class FakeS3:
     def __init__(self, body: CountingBody | None = None, length: int | None = None, error=None):
         self.body, self.length, self.error = body, length, error
 
-    def get_object(self, Bucket: str, Key: str) -> dict:  # noqa: N803 (boto3's names)
+    def get_object(self, Bucket: str, Key: str) -> dict:
         if self.error is not None:
             raise self.error
         resp = {"Body": self.body}
