@@ -143,7 +143,7 @@ class JobClient:
     def close(self) -> None:
         self.redis.close()
 
-    def __enter__(self) -> "JobClient":
+    def __enter__(self) -> JobClient:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -36,17 +36,17 @@ from typing import Any
 import redis
 
 from api_client import keys
-from api_client.schema import JobError, JobState, JobStatus
+from api_client.schema import ErrorCode, JobError, JobState, JobStatus
 
 # KEYS, for every job script: 1 record, 2 events, 3 channel, 4 leases, 5 queued,
 # 6 deadlines, 7 notify (create adds 8 idempotency). ARGV[1] is always the job id.
-_COMMON = """
+_COMMON = f"local EVENTS_TTL, JOB_TTL = {keys.EVENTS_TTL_S}, {keys.JOB_TTL_S}\n" + """
 local function emit(state, now, extra)
   local ev = {job_id = ARGV[1], state = state, at = tonumber(now)}
   if extra then for k, v in pairs(extra) do ev[k] = v end end
   local s = cjson.encode(ev)
   redis.call('RPUSH', KEYS[2], s)
-  redis.call('EXPIRE', KEYS[2], %(events_ttl)d)
+  redis.call('EXPIRE', KEYS[2], EVENTS_TTL)
   redis.call('PUBLISH', KEYS[3], s)
   if state == 'queued' then return '' end
   local ok, req = pcall(cjson.decode, redis.call('HGET', KEYS[1], 'request') or '{}')
@@ -55,7 +55,7 @@ local function emit(state, now, extra)
   for _, wanted in ipairs(cb['events']) do
     if wanted == state then
       redis.call('ZADD', KEYS[7], now, ARGV[1] .. '|' .. state)
-      redis.call('EXPIRE', KEYS[7], %(events_ttl)d)
+      redis.call('EXPIRE', KEYS[7], EVENTS_TTL)
       return state
     end
   end
@@ -69,7 +69,7 @@ end
 local function index(n, score)  -- add this job to the index KEYS[n]
   local k = KEYS[n]
   redis.call('ZADD', k, score, ARGV[1])
-  redis.call('EXPIRE', k, %(job_ttl)d)
+  redis.call('EXPIRE', k, JOB_TTL)
 end
 local function end_job(state, now, code, message)
   redis.call('HSET', KEYS[1], 'state', state, 'finished_at', now)
@@ -96,7 +96,7 @@ local function holder(token)
   local st = redis.call('HMGET', KEYS[1], 'state', 'claim')
   return st[1] == 'running' and st[2] == token, st[1] or ''
 end
-""" % {"events_ttl": keys.EVENTS_TTL_S, "job_ttl": keys.JOB_TTL_S}
+"""
 
 SCRIPTS: dict[str, str] = {
     # ARGV: job_id, now, request, priority, deadline, ttl, use_idempotency, idempotency_ttl
@@ -306,7 +306,7 @@ class JobStore:
         for claim in claims:
             pipe.hmget(keys.job(claim.job_id), "state", "claim")
         replies = pipe.execute()
-        return [claim.job_id for claim, (state, token) in zip(claims, replies)
+        return [claim.job_id for claim, (state, token) in zip(claims, replies, strict=True)
                 if _text(state) != "running" or _text(token) != claim.token]
 
     def succeed(self, claim: Claim, fields: dict[str, str]) -> Transition:
@@ -419,7 +419,7 @@ def status_from_record(rec: dict[str, str]) -> JobStatus:
 
     error = None
     if rec.get("error_code"):
-        error = JobError(code=rec["error_code"], message=rec.get("error_message", ""))
+        error = JobError(code=ErrorCode(rec["error_code"]), message=rec.get("error_message", ""))
     return JobStatus(
         job_id=rec["job_id"], state=JobState(rec["state"]), attempts=int(rec.get("attempts", 0)),
         created_at=num("created_at"), queued_at=num("queued_at"), started_at=num("started_at"),

@@ -80,7 +80,7 @@ class ShardKeys:
     notify: str  # sorted set: "job_id|event" -> time, for each callback owed whose notify has not run
 
     @classmethod
-    def of(cls, shard: int) -> "ShardKeys":
+    def of(cls, shard: int) -> ShardKeys:
         t = _tag(shard)
         return cls(leases=f"{t}:leases", queued=f"{t}:queued", deadlines=f"{t}:deadlines", notify=f"{t}:notify")
 
@@ -95,7 +95,7 @@ class JobKeys:
     shard: ShardKeys
 
     @classmethod
-    def of(cls, job_id: str) -> "JobKeys":
+    def of(cls, job_id: str) -> JobKeys:
         t = _tag(shard_of(job_id))
         return cls(record=f"{t}:job:{job_id}", events=f"{t}:events:{job_id}", channel=f"{t}:chan:{job_id}",
                    shard=ShardKeys.of(shard_of(job_id)))

@@ -9,8 +9,9 @@ is checked here, at submit time.
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from datetime import datetime
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -97,7 +98,7 @@ class VideoItem(_Strict):
     _url = field_validator("url")(classmethod(lambda cls, v: _check_url(v)))
 
 
-ContentItem = Annotated[Union[TextItem, ImageItem, VideoItem], Field(discriminator="type")]
+ContentItem = Annotated[TextItem | ImageItem | VideoItem, Field(discriminator="type")]
 
 
 class Message(_Strict):
@@ -133,18 +134,19 @@ class GenerationParams(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _min_within_max(self) -> "GenerationParams":
+    def _min_within_max(self) -> GenerationParams:
         if self.min_new_tokens > self.max_new_tokens:
             raise ValueError("min_new_tokens must not exceed max_new_tokens")
         return self
 
 
 CallbackEvent = Literal["running", "succeeded", "failed", "cancelled"]
+TERMINAL_CALLBACK_EVENTS: list[CallbackEvent] = ["succeeded", "failed", "cancelled"]
 
 
 class CallbackSpec(_Strict):
     url: str = Field(max_length=MAX_URL_CHARS)
-    events: list[CallbackEvent] = Field(default_factory=lambda: ["succeeded", "failed", "cancelled"])
+    events: list[CallbackEvent] = Field(default_factory=lambda: list(TERMINAL_CALLBACK_EVENTS))
     secret_name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
 
     @field_validator("url")
@@ -172,7 +174,7 @@ class JobRequest(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _limits(self) -> "JobRequest":
+    def _limits(self) -> JobRequest:
         media = self.media_items()
         if len(media) > MAX_MEDIA_ITEMS:
             raise ValueError(f"at most {MAX_MEDIA_ITEMS} images/videos per request, got {len(media)}")
@@ -184,12 +186,12 @@ class JobRequest(_Strict):
         return [c for m in self.messages for c in m.content if not isinstance(c, TextItem)]
 
     @classmethod
-    def simple(cls, prompt: str, images: list[str] = (), videos: list[str] = (), **kw: Any) -> "JobRequest":
+    def simple(cls, prompt: str, images: Sequence[str] = (), videos: Sequence[str] = (), **kw: Any) -> JobRequest:
         """One user turn: media first, then the prompt."""
-        content: list[dict] = [{"type": "image", "url": u} for u in images]
+        content: list[dict[str, str]] = [{"type": "image", "url": u} for u in images]
         content += [{"type": "video", "url": u} for u in videos]
         content.append({"type": "text", "text": prompt})
-        return cls(messages=[{"role": "user", "content": content}], **kw)
+        return cls.model_validate({"messages": [{"role": "user", "content": content}], **kw})
 
 
 class JobError(BaseModel):

@@ -214,7 +214,8 @@ def run_continuous(loaded: Any, items: list, *, cap: int, knobs: ContinuousKnobs
                      extra={"steps": s.steps, "decode_steps": s.decode_steps, "prefill_chunks": s.prefill_chunks,
                             "vision_calls": s.vision_calls, "max_decode_stall_ms": round(s.max_decode_stall_ms, 2),
                             "preempted": s.preempted,
-                            "vision_seconds": round(s.vision_seconds, 4), "prefill_seconds": round(s.prefill_seconds, 4),
+                            "vision_seconds": round(s.vision_seconds, 4),
+                            "prefill_seconds": round(s.prefill_seconds, 4),
                             "decode_seconds": round(s.decode_seconds, 4)})
 
 

@@ -87,7 +87,8 @@ def _cluster_port() -> int:
 
 class _ClusterNode(EmbeddedRedis):
     def _argv(self) -> list[str]:
-        return super()._argv() + ["--cluster-enabled", "yes", "--cluster-config-file", str(self.data_dir / "nodes.conf"),
+        conf = str(self.data_dir / "nodes.conf")
+        return super()._argv() + ["--cluster-enabled", "yes", "--cluster-config-file", conf,
                                   "--cluster-node-timeout", "2000"]
 
 
@@ -100,13 +101,14 @@ class RedisClusterServers:
 
         import redis
 
-        self.nodes = [_ClusterNode(Path(tmp_dir) / f"node{i}", port=_cluster_port()) for i in range(nodes)]  # each starts at once
+        # Each node starts as it is built.
+        self.nodes = [_ClusterNode(Path(tmp_dir) / f"node{i}", port=_cluster_port()) for i in range(nodes)]
         conns = [redis.Redis(host="127.0.0.1", port=node.port) for node in self.nodes]
         per = 16384 // nodes
         for i, conn in enumerate(conns):
             last = 16383 if i == nodes - 1 else (i + 1) * per - 1
             conn.execute_command("CLUSTER ADDSLOTS", *range(i * per, last + 1))
-        for node, conn in zip(self.nodes[1:], conns[1:]):
+        for conn in conns[1:]:
             conn.execute_command("CLUSTER MEET", "127.0.0.1", self.nodes[0].port)
         deadline = time.monotonic() + 30
         while not all(c.execute_command("CLUSTER INFO").get("cluster_state") == "ok"

@@ -225,7 +225,7 @@ def _plot(results: dict[str, Result], params: Params, path: Path) -> str | None:
         print("matplotlib not installed: no plot written", file=sys.stderr)
         return None
     fig, axes = plt.subplots(len(results), 1, figsize=(10, 3.2 * len(results)), squeeze=False)
-    for ax, (name, r) in zip(axes[:, 0], results.items()):
+    for ax, (name, r) in zip(axes[:, 0], results.items(), strict=True):
         t = np.asarray(r.series["t"]) / 60
         ax.step(t, r.series["pods"], where="post", label="pods (incl. starting)")
         ax.step(t, r.series["ready"], where="post", label="pods serving")
@@ -255,9 +255,9 @@ def _table(rows: list[dict], columns: list[str]) -> str:
 
     cells = [[fmt(r[c]) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    lines = [" | ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
     lines.append("-|-".join("-" * w for w in widths))
-    lines += [" | ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    lines += [" | ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
     return "\n".join(lines)
 
 
@@ -265,8 +265,10 @@ def _parser() -> argparse.ArgumentParser:
     d = Params()
     ap = argparse.ArgumentParser(prog="simulate-autoscale", description=__doc__.split("\n\n")[0])
     ap.add_argument("--pattern", choices=(*PATTERNS, "all"), default="all")
-    ap.add_argument("--throughput", type=float, default=d.throughput, help="jobs/s per pod (default: ASSUMED placeholder)")
-    ap.add_argument("--cold-start", type=float, default=d.cold_start_s, help="seconds to serve after scheduling (ASSUMED)")
+    ap.add_argument("--throughput", type=float, default=d.throughput,
+                    help="jobs/s per pod (default: ASSUMED placeholder)")
+    ap.add_argument("--cold-start", type=float, default=d.cold_start_s,
+                    help="seconds to serve after scheduling (ASSUMED)")
     ap.add_argument("--batch-latency", type=float, default=d.batch_latency_s, help="seconds per generate (ASSUMED)")
     ap.add_argument("--target", type=float, default=d.target)
     ap.add_argument("--activation", type=float, default=d.activation)
@@ -317,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         print(json.dumps(out, indent=None, allow_nan=False, default=str))
         return 0
-    cols = ["pattern", "jobs", "served", "wait_p50_s", "wait_p95_s", "wait_p99_s", "gpu_hours", "max_pods", "pods_at_end"]
+    cols = ["pattern", "jobs", "served", "wait_p50_s", "wait_p95_s", "wait_p99_s", "gpu_hours", "max_pods",
+            "pods_at_end"]
     print("Parameters:", ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(params).items()))
     print("Provenance:", "; ".join(f"{k}: {v}" for k, v in provenance.items()))
     print()

@@ -17,7 +17,7 @@ import http.client
 import json
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -60,7 +60,7 @@ return taken
 
 
 def _now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat()
+    return datetime.now(UTC).isoformat()
 
 
 def event_webhook_id(job_id: str, event: str) -> str:
@@ -123,7 +123,7 @@ def _retry_after_s(headers: dict[str, str]) -> float | None:
     except (TypeError, ValueError):
         return None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
+        when = when.replace(tzinfo=UTC)
     return max(0.0, when.timestamp() - time.time())
 
 

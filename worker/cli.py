@@ -61,9 +61,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
         job_id = client.submit(request)
     except RequestRejected as exc:
         if args.json:
-            print(json.dumps({"job_id": None, "state": "rejected", "error": {"code": exc.code, "message": exc.message}}))
+            error = {"code": exc.code.value, "message": exc.message}
+            print(json.dumps({"job_id": None, "state": "rejected", "error": error}))
         else:
-            print(f"rejected: {exc.code}: {exc.message}", file=sys.stderr)
+            print(f"rejected: {exc.code.value}: {exc.message}", file=sys.stderr)
         return 2
     if args.wait:
         return _finish(client.wait(job_id, timeout=args.timeout), args.json)

@@ -135,7 +135,7 @@ class Health:
             return True, "ok"
         try:
             pending = self.pending_fn()
-        except Exception as exc:  # a broken gauge must not get the pod killed
+        except Exception as exc:  # noqa: BLE001 - a broken gauge must not get the pod killed
             return True, f"ok (pending unknown: {type(exc).__name__})"
         if pending:
             return False, f"batch thread silent for {age:.0f}s with {pending} pending"
@@ -148,7 +148,7 @@ class Health:
         if self.broker_ok_fn is not None:
             try:
                 broker_ok = bool(self.broker_ok_fn())
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - any failure of the check means "not ready"
                 return False, f"broker check failed: {type(exc).__name__}"
             if not broker_ok:
                 return False, "broker unreachable"
@@ -176,7 +176,7 @@ class ObservabilityServer:
         metrics, health = self.metrics, self.health
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            def do_GET(self) -> None:
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
                     self._send(200, metrics.render(), CONTENT_TYPE_LATEST)

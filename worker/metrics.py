@@ -38,13 +38,16 @@ class Metrics:
             "ivq_preprocess_seconds", "Media fetch + decode + prompt build per job", buckets=_TIME_BUCKETS, registry=r
         )
         self.batch_wait = Histogram(
-            "ivq_batch_wait_seconds", "Submit to the batcher until its batch starts", buckets=_BATCH_WAIT_BUCKETS, registry=r
+            "ivq_batch_wait_seconds", "Submit to the batcher until its batch starts", buckets=_BATCH_WAIT_BUCKETS,
+            registry=r,
         )
         self.generate = Histogram(
             "ivq_generate_seconds", "One generate_batch call", buckets=_TIME_BUCKETS, registry=r
         )
-        self.batch_size = Histogram("ivq_batch_size", "Largest running batch a job decoded in (static: jobs per generate)",
-                                    buckets=_SIZE_BUCKETS, registry=r)
+        self.batch_size = Histogram(
+            "ivq_batch_size", "Largest running batch a job decoded in (static: jobs per generate)",
+            buckets=_SIZE_BUCKETS, registry=r,
+        )
         self.batch_cost = Histogram("ivq_batch_cost", "Cost units per generate call", buckets=_COST_BUCKETS, registry=r)
         self.tokens = Counter("ivq_tokens_generated", "New tokens generated", registry=r)
         self.in_flight = Gauge("ivq_jobs_in_flight", "Jobs held by task threads now", registry=r)

@@ -137,7 +137,7 @@ def test_bad_input_corpus(svc):
     for name, req in submit_cases().items():
         with pytest.raises(RequestRejected) as info:
             client.submit(req)
-        rows.append((name, "submit", "invalid_request", info.value.code))
+        rows.append((name, "submit", "invalid_request", info.value.code.value))
     assert not list(redis.scan_iter(keys.job_pattern())), "a rejected request left a record"
 
     cases = worker_cases(s3, svc["media_root"])

@@ -3,7 +3,6 @@ that every script touches only the keys it is given, on one Redis and on a Redis
 
 from __future__ import annotations
 
-import json
 import re
 import socket
 import threading
@@ -189,7 +188,7 @@ def _monitor(port: int, stop: threading.Event, lines: list[str]) -> None:
         while not stop.is_set() or buf:
             try:
                 chunk = sock.recv(65536)
-            except socket.timeout:
+            except TimeoutError:
                 if stop.is_set():
                     break
                 continue

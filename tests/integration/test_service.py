@@ -121,7 +121,7 @@ def test_malformed_request_is_refused_at_submit(client):
 
 
 def test_cancel_a_queued_job_before_it_runs(service, client, redis_url):
-    
+
     # A record with no Celery message yet: it stays queued until we cancel it.
     client.jobs.create("cancel-me", JobRequest.simple("x").model_dump_json(), now=time.time(), priority=0,
                    deadline=None, idempotency_key=None)
@@ -166,7 +166,7 @@ def test_idempotency_key_returns_the_same_job(service, client):
 
 def test_wait_times_out_cleanly(client):
     from api_client import WaitTimeout
-    
+
     client.jobs.create("never-run", JobRequest.simple("x").model_dump_json(), now=time.time(),
                                  priority=0, deadline=None, idempotency_key=None)
     t0 = time.monotonic()

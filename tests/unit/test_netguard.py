@@ -236,7 +236,7 @@ def _make_tls(tmp: Path, dns_name: str) -> tuple[ssl.SSLContext, ssl.SSLContext]
     def name(cn: str):
         return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = (
         x509.CertificateBuilder().subject_name(name("test ca")).issuer_name(name("test ca"))

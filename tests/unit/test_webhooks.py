@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import random
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 
 import pytest
 import standardwebhooks
@@ -128,7 +128,7 @@ def test_reference_package_verifies_our_signature(secret):
 
 
 def test_we_verify_reference_signature(secret):
-    ts = datetime.now(timezone.utc).replace(microsecond=0)
+    ts = datetime.now(UTC).replace(microsecond=0)
     reference = standardwebhooks.Webhook(secret)
     headers = {
         "webhook-id": "msg_theirs",
