@@ -134,7 +134,7 @@ def simulate(p: Params, arrival_times: np.ndarray, *, idle_tail_s: float | None 
     recommendations: deque[tuple[float, int]] = deque()
     last_scale_down = -math.inf
     waits = np.full(len(arrival_times), np.nan)
-    series = {"t": [], "pods": [], "ready": [], "backlog": []}
+    series: dict[str, list[float]] = {"t": [], "pods": [], "ready": [], "backlog": []}
     steps = int(math.ceil(end / dt))
     poll_every = max(1, round(p.polling_s / dt))
     hpa_every = max(1, round(p.hpa_sync_s / dt))
@@ -192,7 +192,7 @@ def simulate(p: Params, arrival_times: np.ndarray, *, idle_tail_s: float | None 
         wait_p99_s=pct(99),
         wait_max_s=float(done.max()) if len(done) else float("nan"),
         gpu_hours=fleet.pod_seconds / 3600,
-        max_pods=max(series["pods"]),
+        max_pods=int(max(series["pods"])),
         pods_at_end=len(fleet.pods),
         duration_s=end,
         series=series,

@@ -73,8 +73,8 @@ def configure_logging(
     `static` fields (e.g. worker=...) go on every line: contextvars do not
     reach threads started later (task threads, the model thread), these do.
     """
-    level_no = logging.getLevelName(level.upper()) if isinstance(level, str) else int(level)
-    if not isinstance(level_no, int):
+    level_no = logging.getLevelNamesMapping().get(level.upper())
+    if level_no is None:
         raise ValueError(f"unknown log level {level!r}")
     stream = stream or sys.stdout
     fixed = dict(static or {})
@@ -95,7 +95,7 @@ def configure_logging(
         if json
         else structlog.dev.ConsoleRenderer(colors=False)
     )
-    tail = [structlog.processors.format_exc_info, redact_processor]
+    tail: list = [structlog.processors.format_exc_info, redact_processor]
     structlog.configure(
         processors=[*shared, structlog.processors.StackInfoRenderer(), *tail, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(level_no),

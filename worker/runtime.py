@@ -52,6 +52,8 @@ class WorkerRuntime:
         self.worker_id = settings.resolved_worker_id
         self.dispatch = dispatch
         self.metrics = metrics or Metrics()
+        if not settings.redis_url:
+            raise ValueError("settings.redis_url is required (the CLI starts an embedded Redis when unset)")
         self.redis = redis.Redis.from_url(
             settings.redis_url, socket_timeout=30, socket_connect_timeout=5, health_check_interval=30,
             retry_on_timeout=True,
