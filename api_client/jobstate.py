@@ -30,8 +30,9 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 
@@ -230,6 +231,9 @@ class Transition:
     priority: int = 0  # sweep only: for the message sent again
 
 
+T = TypeVar("T")
+
+
 def _text(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else ("" if v is None else str(v))
 
@@ -240,7 +244,8 @@ class JobStore:
     `worker_id`, `lease_s` and `max_crashes` matter only to a worker's transitions.
     """
 
-    def __init__(self, client: Any, *, worker_id: str = "", lease_s: float = 60, max_crashes: int = 3):
+    def __init__(self, client: redis.Redis | redis.RedisCluster, *, worker_id: str = "", lease_s: float = 60,
+                 max_crashes: int = 3):
         self.redis = client
         self.worker_id = worker_id
         self.lease_s = lease_s
@@ -332,7 +337,7 @@ class JobStore:
             "requeue", claim.job_id, claim.token, repr(time.time()), "1" if count_attempt else "0", reason_code))
         return bool(done)
 
-    def _through_outage(self, call: Any) -> tuple[Any, bool]:
+    def _through_outage(self, call: Callable[[], T]) -> tuple[T, bool]:
         """Run a claim holder's transition, riding out a Redis outage shorter than the lease.
 
         Without this, a blip at the moment a job ends leaves it `running` until its
@@ -382,11 +387,15 @@ class JobStore:
         """(job_id, event) of every callback still owed after `older_than_s`; each is pushed back
         by another interval, so it comes up again only if its notify is lost again."""
         now = time.time()
-        owed = []
-        for shard in keys.all_shards():
-            for member in self.redis.zrangebyscore(shard.notify, "-inf", now - older_than_s, start=0, num=limit):
+        shards = keys.all_shards()
+        pipe = self.redis.pipeline(transaction=False)
+        for shard in shards:
+            pipe.zrangebyscore(shard.notify, "-inf", now - older_than_s, start=0, num=limit)
+        owed: list[tuple[str, str]] = []
+        for shard, members in zip(shards, pipe.execute(), strict=True):
+            for member in map(_text, members):
                 self.redis.zadd(shard.notify, {member: now}, xx=True)
-                job_id, _, event = _text(member).rpartition("|")
+                job_id, _, event = member.rpartition("|")
                 owed.append((job_id, event))
         return owed
 

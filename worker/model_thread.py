@@ -15,13 +15,20 @@ import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import structlog
 
 from worker.batcher import BatchInfo, MicroBatcher
+from worker.metrics import Metrics
 from worker.settings import Settings
 from worker.steploop import RunInfo, StepLoop
+
+if TYPE_CHECKING:  # the model stack loads only in a worker that serves "infer"
+    from model_runtime.engine import Engine
+    from model_runtime.engine_continuous import ContinuousEngine
+    from model_runtime.loading import Loaded
+    from model_runtime.types import Output, Prepared
 
 log = structlog.get_logger(__name__)
 
@@ -30,7 +37,7 @@ log = structlog.get_logger(__name__)
 class BatchOutcome:
     """What the model thread hands back to one task thread."""
 
-    output: Any  # model_runtime.types.Output
+    output: Output
     batch_id: str  # static: the generate call; continuous: the engine's busy period
     batch_size: int  # static: the batch; continuous: the largest running batch it decoded in
     batch_wait_s: float  # submit → its batch started (static) or it was admitted (continuous)
@@ -38,21 +45,21 @@ class BatchOutcome:
 
 @dataclass
 class ModelThread:
-    engine: Any  # model_runtime.engine_continuous.ContinuousEngine | model_runtime.engine.Engine
+    engine: ContinuousEngine | Engine
     queue: StepLoop | MicroBatcher
 
     def stop(self, timeout: float) -> None:
         self.queue.stop(drain=False, timeout=timeout)
 
 
-def start_model_thread(loaded: Any, settings: Settings, *, metrics: Any, worker_id: str,
+def start_model_thread(loaded: Loaded, settings: Settings, *, metrics: Metrics, worker_id: str,
                        on_loop: Callable[[], None]) -> ModelThread:
     if settings.engine == "static":
         return _start_static(loaded, settings, metrics=metrics, worker_id=worker_id, on_loop=on_loop)
     return _start_continuous(loaded, settings, metrics=metrics, worker_id=worker_id, on_loop=on_loop)
 
 
-def _start_continuous(loaded: Any, s: Settings, *, metrics: Any, worker_id: str,
+def _start_continuous(loaded: Loaded, s: Settings, *, metrics: Metrics, worker_id: str,
                       on_loop: Callable[[], None]) -> ModelThread:
     from model_runtime.capacity import kv_budget_tokens
     from model_runtime.engine_continuous import ContinuousEngine
@@ -66,7 +73,7 @@ def _start_continuous(loaded: Any, s: Settings, *, metrics: Any, worker_id: str,
     log.info("kv_budget", max_batch_tokens=engine.max_batch_tokens, source="setting" if s.max_batch_tokens else
              ("free memory" if loaded.device.startswith("cuda") else "cpu default"))
 
-    def outcome(prepared: Any, output: Any, info: RunInfo) -> BatchOutcome:
+    def outcome(prepared: Prepared, output: Output, info: RunInfo) -> BatchOutcome:
         batch_id = f"{worker_id}:run{info.run}"
         metrics.observe_batch(output.batch_size, prepared.cost, output.generate_ms / 1000.0, output.completion_tokens)
         log.info("generate.done", job_id=prepared.request_id, batch_id=batch_id, batch_size=output.batch_size,
@@ -77,7 +84,7 @@ def _start_continuous(loaded: Any, s: Settings, *, metrics: Any, worker_id: str,
     return ModelThread(engine, StepLoop(engine, on_loop=on_loop, wrap=outcome, name="model-thread").start())
 
 
-def _start_static(loaded: Any, s: Settings, *, metrics: Any, worker_id: str,
+def _start_static(loaded: Loaded, s: Settings, *, metrics: Metrics, worker_id: str,
                   on_loop: Callable[[], None]) -> ModelThread:
     from model_runtime.engine import Engine
 
@@ -86,7 +93,7 @@ def _start_static(loaded: Any, s: Settings, *, metrics: Any, worker_id: str,
         engine.warmup(s.max_batch_size)
     sequence = itertools.count(1)
 
-    def run_batch(items: list, info: BatchInfo) -> list:
+    def run_batch(items: list[Prepared], info: BatchInfo) -> list[BatchOutcome | BaseException]:
         batch_id = f"{worker_id}:{next(sequence)}"
         structlog.contextvars.bind_contextvars(batch_id=batch_id)
         started = time.perf_counter()
