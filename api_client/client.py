@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from api_client import keys
 from api_client.dispatch import Dispatcher, producer_app
 from api_client.errors import BrokerUnavailable, JobNotFound, RequestRejected, WaitTimeout
-from api_client.jobstate import JobStore, status_from_record
+from api_client.jobstate import JobStore
 from api_client.schema import MAX_REQUEST_BYTES, JobRequest, JobResult, JobState, JobStatus
 
 
@@ -85,7 +85,7 @@ class JobClient:
             rec = self.jobs.raw(job_id)
         if not rec:
             raise JobNotFound(job_id)
-        return status_from_record(rec)
+        return JobStatus.from_record(rec)
 
     def result(self, job_id: str) -> JobResult | None:
         """The result of a succeeded job (None while it has not succeeded)."""

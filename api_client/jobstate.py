@@ -10,19 +10,14 @@
            lost is flagged to be sent again.
 
 Each script is atomic: it changes the record, appends the event to the job's
-list, publishes it on the job's channel and, when the request's callback asked
-for that event, records the owed callback (`notify` index) in the same step.
-That is the one place the "does this callback want this event" decision is made;
-a transition returns the event to announce in `Transition.notify`.
-
+list, publishes it, and, when the request's callback asked for that event,
+records the owed callback (`notify` index). That is the one place the "does this
+callback want this event" decision is made; `Transition.notify` carries it out.
 Exactly one result per job despite at-least-once delivery: `claim` hands out a
 fresh token with a lease, and only the token holder can renew, succeed, fail or
-requeue, so a worker that lost its claim (lease ran out, job cancelled) cannot
-write a result. Every key a script touches comes in `KEYS[]` from
-api_client/keys.py (`JobKeys`), all under the job's hash tag.
-
-`JobStore` owns the scripts; the client uses create, cancel and the reads, the
-worker the rest.
+requeue. Every key a script touches comes in `KEYS[]` from `keys.JobKeys`, all
+under the job's hash tag. `JobStore` owns the scripts; the client uses create,
+cancel and the reads, the worker the rest.
 """
 
 from __future__ import annotations
@@ -37,7 +32,6 @@ from typing import Any, TypeVar
 import redis
 
 from api_client import keys
-from api_client.schema import ErrorCode, JobError, JobState, JobStatus
 
 # KEYS, for every job script: 1 record, 2 events, 3 channel, 4 leases, 5 queued,
 # 6 deadlines, 7 notify (create adds 8 idempotency). ARGV[1] is always the job id.
@@ -62,15 +56,10 @@ local function emit(state, now, extra)
   end
   return ''
 end
-local function unindex()
-  redis.call('ZREM', KEYS[4], ARGV[1])
-  redis.call('ZREM', KEYS[5], ARGV[1])
-  redis.call('ZREM', KEYS[6], ARGV[1])
-end
+local function unindex() for n = 4, 6 do redis.call('ZREM', KEYS[n], ARGV[1]) end end
 local function index(n, score)  -- add this job to the index KEYS[n]
-  local k = KEYS[n]
-  redis.call('ZADD', k, score, ARGV[1])
-  redis.call('EXPIRE', k, JOB_TTL)
+  redis.call('ZADD', KEYS[n], score, ARGV[1])
+  redis.call('EXPIRE', KEYS[n], JOB_TTL)
 end
 local function end_job(state, now, code, message)
   redis.call('HSET', KEYS[1], 'state', state, 'finished_at', now)
@@ -266,7 +255,7 @@ class JobStore:
 
     def create(self, job_id: str, request_json: str, *, now: float, priority: int, deadline: float | None,
                idempotency_key: str | None) -> Transition:
-        """`state` is the job id that holds the request: this one, or the earlier one of a repeated key."""
+        """`job_id` is the job that holds the request: this one, or the earlier one of a repeated key."""
         idem = keys.idempotency(idempotency_key or "-", keys.shard_of(job_id))
         created, jid = self.run(
             "create", job_id, repr(now), request_json, priority, "" if deadline is None else repr(deadline),
@@ -302,15 +291,11 @@ class JobStore:
         return bool(reply)
 
     def lost(self, claims: list[Claim]) -> list[str]:
-        """The job ids among `claims` that this worker no longer holds (cancelled, taken over, gone).
-
-        One pipelined round trip of reads, so a worker can ask often."""
-        if not claims:
-            return []
+        """The ids among `claims` this worker no longer holds (cancelled, taken over): one round trip."""
         pipe = self.redis.pipeline(transaction=False)
         for claim in claims:
             pipe.hmget(keys.job(claim.job_id), "state", "claim")
-        replies = pipe.execute()
+        replies = pipe.execute() if claims else []
         return [claim.job_id for claim, (state, token) in zip(claims, replies, strict=True)
                 if _text(state) != "running" or _text(token) != claim.token]
 
@@ -338,12 +323,8 @@ class JobStore:
         return bool(done)
 
     def _through_outage(self, call: Callable[[], T]) -> tuple[T, bool]:
-        """Run a claim holder's transition, riding out a Redis outage shorter than the lease.
-
-        Without this, a blip at the moment a job ends leaves it `running` until its
-        lease expires, and the sweeper then re-runs it and counts a worker crash.
-        Returns (script reply, whether it was retried).
-        """
+        """(reply, retried): a claim holder's transition, riding out a Redis outage shorter than the
+        lease; without it, a blip as a job ends leaves it `running`, then re-run as a crash."""
         deadline = time.monotonic() + self.lease_s
         delay, retried = 0.2, False
         while True:
@@ -365,10 +346,9 @@ class JobStore:
             pipe.zrangebyscore(shard.leases, "-inf", now, start=0, num=limit)
             pipe.zrangebyscore(shard.queued, "-inf", now - resend_after_s, start=0, num=limit)
             pipe.zrangebyscore(shard.deadlines, "-inf", now, start=0, num=limit)
-        replies = pipe.execute()
+        replies = pipe.execute()  # per shard: late leases, stale queued, passed deadlines
         late = {_text(j) for i, ids in enumerate(replies) if i % 3 != 2 for j in ids}
-        expired = {_text(j) for i, ids in enumerate(replies) if i % 3 == 2 for j in ids}
-        changed = []
+        expired, changed = {_text(j) for i, ids in enumerate(replies) if i % 3 == 2 for j in ids}, []
         for job_id in sorted(expired):
             done, state, owed = self.run("expire", job_id, repr(now))
             if done:
@@ -414,26 +394,7 @@ class JobStore:
         return _text(self.redis.hget(keys.job(job_id), "state")) or None
 
     def result_json(self, job_id: str) -> str | None:
-        raw = self.redis.hget(keys.job(job_id), "result")
-        return None if raw is None else _text(raw)
+        return _text(self.redis.hget(keys.job(job_id), "result")) or None
 
     def events(self, job_id: str, start: int = 0) -> list[dict[str, Any]]:
         return [json.loads(e) for e in self.redis.lrange(keys.events(job_id), start, -1)]
-
-
-def status_from_record(rec: dict[str, str]) -> JobStatus:
-    def num(name: str) -> float | None:
-        v = rec.get(name)
-        return float(v) if v not in (None, "") else None
-
-    error = None
-    if rec.get("error_code"):
-        error = JobError(code=ErrorCode(rec["error_code"]), message=rec.get("error_message", ""))
-    return JobStatus(
-        job_id=rec["job_id"], state=JobState(rec["state"]), attempts=int(rec.get("attempts", 0)),
-        created_at=num("created_at"), queued_at=num("queued_at"), started_at=num("started_at"),
-        finished_at=num("finished_at"), worker_id=rec.get("worker_id") or None, error=error,
-        output_preview=rec.get("output_preview") or None,
-        batch_size=int(rec["batch_size"]) if rec.get("batch_size") else None,
-        result_url=rec.get("result_url") or None,
-    )

@@ -250,3 +250,23 @@ class JobStatus(BaseModel):
     output_preview: str | None = None
     batch_size: int | None = None
     result_url: str | None = None
+
+    @classmethod
+    def from_record(cls, rec: dict[str, str]) -> JobStatus:
+        """From the job record's hash (api_client/jobstate.py writes it)."""
+
+        def num(name: str) -> float | None:
+            v = rec.get(name)
+            return float(v) if v not in (None, "") else None
+
+        error = None
+        if rec.get("error_code"):
+            error = JobError(code=ErrorCode(rec["error_code"]), message=rec.get("error_message", ""))
+        return cls(
+            job_id=rec["job_id"], state=JobState(rec["state"]), attempts=int(rec.get("attempts", 0)),
+            created_at=num("created_at"), queued_at=num("queued_at"), started_at=num("started_at"),
+            finished_at=num("finished_at"), worker_id=rec.get("worker_id") or None, error=error,
+            output_preview=rec.get("output_preview") or None,
+            batch_size=int(rec["batch_size"]) if rec.get("batch_size") else None,
+            result_url=rec.get("result_url") or None,
+        )

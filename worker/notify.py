@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from api_client.jobstate import JobStore, status_from_record
-from api_client.schema import CallbackSpec
+from api_client.jobstate import JobStore
+from api_client.schema import CallbackSpec, JobStatus
 from worker.callbacks import build_delivery
 
 
@@ -21,7 +21,7 @@ def build_event_delivery(jobs: JobStore, job_id: str, event: str) -> dict | None
     callback = json.loads(rec.get("request", "{}")).get("callback") if rec else None
     if not callback:
         return None
-    payload: dict[str, Any] = {"event": event, "status": status_from_record(rec).model_dump(mode="json")}
+    payload: dict[str, Any] = {"event": event, "status": JobStatus.from_record(rec).model_dump(mode="json")}
     if event == "succeeded" and rec.get("result"):
         payload["result"] = json.loads(rec["result"])
     return build_delivery(job_id, event, payload, CallbackSpec.model_validate(callback))
