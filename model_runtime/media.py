@@ -287,33 +287,3 @@ def decode_video(data: bytes, limits: MediaLimits, num_frames: int | None = None
 
 def _to_pts(seconds: float, stream) -> int:
     return int(math.floor(seconds / float(stream.time_base))) if stream.time_base else 0
-
-
-def decode_video_all_frames(data: bytes, limits: MediaLimits, num_frames: int | None = None) -> VideoFrames:
-    """Reference path: decode every frame and keep the same ones as `decode_video`.
-
-    Only the benchmark (seek vs full decode) and the tests use this.
-    """
-    import av
-
-    container, stream = _open_container(data, limits)
-    try:
-        index = _index(container, stream)
-        count = _check_frames(index, limits, num_frames)
-        targets = _targets(index, count)
-        container.seek(_to_pts(index.keyframes[0], stream), stream=stream, backward=True)
-        chosen: list = [None] * count
-        for frame in container.decode(stream):
-            for i, target in enumerate(targets):
-                if frame.time is not None and frame.time <= target + 1e-6:
-                    chosen[i] = frame
-                elif chosen[i] is None:
-                    chosen[i] = frame
-        if any(c is None for c in chosen):
-            raise _invalid("the video stream has no decodable frames")
-        frames = [_rgb(c, limits.max_frame_side) for c in chosen]
-        return VideoFrames(np.stack(frames), index.fps, index.duration_s, index.packets, targets)
-    except av.FFmpegError as exc:
-        raise _invalid(f"corrupt video: {exc}") from None
-    finally:
-        container.close()

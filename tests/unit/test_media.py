@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model_runtime.media import KEYFRAME_SNAP, MediaLimits, decode_image, decode_video, decode_video_all_frames
+from benchmarks.video_bench import decode_video_all_frames
+from model_runtime.media import KEYFRAME_SNAP, MediaLimits, decode_image, decode_video
 from model_runtime.samples import frame_marker, make_sample_image, make_sample_video
 from model_runtime.types import RequestError
 
