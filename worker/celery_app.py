@@ -1,4 +1,11 @@
-"""The Celery app factory.
+"""The Celery app factory, and the three tasks a worker runs.
+
+- `ivq.infer(job_id)` runs one job: worker/pipeline.py `process_job`;
+- `ivq.notify(job_id, event)` builds the callback an event owes (worker/notify.py)
+  and makes the first delivery attempt;
+- `ivq.deliver_callback(delivery)` makes one more attempt.
+An attempt is counted in `ivq_callbacks` and a retry goes back through the
+app's one `Dispatcher` (api_client/dispatch.py), like every message a worker sends.
 
 JSON only (a pickle message is refused), late acks, reject on worker loss,
 prefetch 1, queues "infer" (GPU) and "callbacks" (cheap), task events on so

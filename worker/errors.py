@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import enum
 import random
-import socket
 from dataclasses import dataclass
 
 import redis
@@ -60,9 +59,10 @@ _FOREIGN: list[tuple[tuple[type[BaseException], ...], Action, ErrorCode]] = [
     ((DeadlineExceeded,), Action.RETRY, ErrorCode.timeout),  # the engine ended it at IVQ_JOB_TIMEOUT_S
     ((GenerationFailed,), Action.FAIL, ErrorCode.internal_error),  # the model raised on this request's batch
     ((ValidationError,), Action.FAIL, ErrorCode.invalid_request),
-    ((redis.ConnectionError, redis.TimeoutError, socket.timeout, ConnectionError), Action.RETRY,
-     ErrorCode.internal_error),
-    ((TimeoutError,), Action.RETRY, ErrorCode.timeout),  # a wait on the model thread ran out
+    # A wait on the model thread ran out (concurrent.futures.TimeoutError and socket.timeout are
+    # this builtin since Python 3.11). Before the connection row: TimeoutError is an OSError too.
+    ((TimeoutError,), Action.RETRY, ErrorCode.timeout),
+    ((redis.ConnectionError, redis.TimeoutError, ConnectionError), Action.RETRY, ErrorCode.internal_error),
 ]
 
 
