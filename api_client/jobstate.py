@@ -1,4 +1,5 @@
-"""The job state machine: every transition of a job record, as one named Lua script each.
+"""The job state machine: every transition of a job record, as one named Lua script each
+(api_client/lua/<transition>.lua, after the helpers in lua/common.lua).
 
     create ─► queued ─claim─► running ─succeed─► succeeded
                 │  ▲            │ │ └──fail───► failed
@@ -26,6 +27,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable
+from importlib import resources
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -33,168 +35,18 @@ import redis
 
 from api_client import keys
 
-# KEYS, for every job script: 1 record, 2 events, 3 channel, 4 leases, 5 queued,
-# 6 deadlines, 7 notify (create adds 8 idempotency). ARGV[1] is always the job id.
-_COMMON = f"local EVENTS_TTL, JOB_TTL = {keys.EVENTS_TTL_S}, {keys.JOB_TTL_S}\n" + """
-local function emit(state, now, extra)
-  local ev = {job_id = ARGV[1], state = state, at = tonumber(now)}
-  if extra then for k, v in pairs(extra) do ev[k] = v end end
-  local s = cjson.encode(ev)
-  redis.call('RPUSH', KEYS[2], s)
-  redis.call('EXPIRE', KEYS[2], EVENTS_TTL)
-  redis.call('PUBLISH', KEYS[3], s)
-  if state == 'queued' then return '' end
-  local ok, req = pcall(cjson.decode, redis.call('HGET', KEYS[1], 'request') or '{}')
-  local cb = ok and type(req) == 'table' and req['callback'] or nil
-  if type(cb) ~= 'table' or type(cb['events']) ~= 'table' then return '' end
-  for _, wanted in ipairs(cb['events']) do
-    if wanted == state then
-      redis.call('ZADD', KEYS[7], now, ARGV[1] .. '|' .. state)
-      redis.call('EXPIRE', KEYS[7], EVENTS_TTL)
-      return state
-    end
-  end
-  return ''
-end
-local function unindex() for n = 4, 6 do redis.call('ZREM', KEYS[n], ARGV[1]) end end
-local function index(n, score)  -- add this job to the index KEYS[n]
-  redis.call('ZADD', KEYS[n], score, ARGV[1])
-  redis.call('EXPIRE', KEYS[n], JOB_TTL)
-end
-local function end_job(state, now, code, message)
-  redis.call('HSET', KEYS[1], 'state', state, 'finished_at', now)
-  if code then redis.call('HSET', KEYS[1], 'error_code', code, 'error_message', message) end
-  redis.call('HDEL', KEYS[1], 'claim', 'lease_until')
-  unindex()
-  return emit(state, now, code and {error_code = code} or nil)
-end
-local function to_queue(now, reason)
-  redis.call('HSET', KEYS[1], 'state', 'queued', 'queued_at', now, 'last_error_code', reason)
-  redis.call('HDEL', KEYS[1], 'claim', 'lease_until')
-  redis.call('ZREM', KEYS[4], ARGV[1])
-  index(5, now)
-  local deadline = redis.call('HGET', KEYS[1], 'deadline')
-  if deadline and deadline ~= '' then index(6, deadline) end
-  emit('queued', now, {retry_of = reason})
-end
-local function crashed(now, max_crashes)
-  local crashes = redis.call('HINCRBY', KEYS[1], 'crashes', 1)
-  if crashes < tonumber(max_crashes) then return nil end
-  return end_job('failed', now, 'poison', 'its worker died ' .. crashes .. ' times while running it')
-end
-local function holder(token)
-  local st = redis.call('HMGET', KEYS[1], 'state', 'claim')
-  return st[1] == 'running' and st[2] == token, st[1] or ''
-end
-"""
+TRANSITIONS = ("create", "claim", "renew", "succeed", "fail", "requeue", "cancel", "expire", "sweep")
+SCRIPT_NAMES = (*TRANSITIONS, "progress")  # progress: not a transition, a running job's latest snapshot
 
-SCRIPTS: dict[str, str] = {
-    # ARGV: job_id, now, request, priority, deadline, ttl, use_idempotency, idempotency_ttl
-    "create": """
-if ARGV[7] == '1' then
-  local existing = redis.call('GET', KEYS[8])
-  if existing then return {0, existing} end
-  redis.call('SET', KEYS[8], ARGV[1], 'EX', ARGV[8])
-end
-redis.call('HSET', KEYS[1], 'job_id', ARGV[1], 'state', 'queued', 'request', ARGV[3], 'priority', ARGV[4],
-           'deadline', ARGV[5], 'created_at', ARGV[2], 'queued_at', ARGV[2], 'attempts', 0, 'crashes', 0)
-redis.call('EXPIRE', KEYS[1], ARGV[6])
-index(5, ARGV[2])
-if ARGV[5] ~= '' then index(6, ARGV[5]) end
-emit('queued', ARGV[2], nil)
-return {1, ARGV[1]}
-""",
-    # ARGV: job_id, worker_id, token, now, lease_until, max_crashes
-    "claim": """
-local st = redis.call('HMGET', KEYS[1], 'state', 'lease_until', 'deadline')
-if not st[1] then return {'missing', 0, ''} end
-if st[1] ~= 'queued' and st[1] ~= 'running' then return {'terminal', 0, ''} end
-local now = tonumber(ARGV[4])
-if st[1] == 'running' then
-  if tonumber(st[2] or '0') > now then return {'busy', 0, ''} end
-  local poisoned = crashed(ARGV[4], ARGV[6])  -- the holder's lease ran out before a sweep saw it
-  if poisoned then return {'poison', 0, poisoned} end
-end
-if st[3] and st[3] ~= '' and tonumber(st[3]) < now then
-  return {'expired', 0, end_job('failed', ARGV[4], 'expired', 'deadline passed before the job started')}
-end
-local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-redis.call('HSET', KEYS[1], 'state', 'running', 'worker_id', ARGV[2], 'claim', ARGV[3],
-           'started_at', ARGV[4], 'lease_until', ARGV[5])
-redis.call('ZREM', KEYS[5], ARGV[1])
-redis.call('ZREM', KEYS[6], ARGV[1])
-index(4, ARGV[5])
-local owed = emit('running', ARGV[4], {attempt = attempts, worker_id = ARGV[2]})
-local rec = redis.call('HMGET', KEYS[1], 'request', 'queued_at', 'priority')
-return {'claimed', attempts, owed, rec[1], rec[2] or '', rec[3] or ''}
-""",
-    # ARGV: job_id, token, lease_until
-    "renew": """
-if not holder(ARGV[2]) then return 0 end
-redis.call('HSET', KEYS[1], 'lease_until', ARGV[3])
-index(4, ARGV[3])
-return 1
-""",
-    # ARGV: job_id, token, now, fields_json
-    "succeed": """
-local held, state = holder(ARGV[2])
-if not held then return {0, state, ''} end
-for k, v in pairs(cjson.decode(ARGV[4])) do redis.call('HSET', KEYS[1], k, v) end
-return {1, 'succeeded', end_job('succeeded', ARGV[3], nil, nil)}
-""",
-    # ARGV: job_id, token, now, error_code, error_message
-    "fail": """
-local held, state = holder(ARGV[2])
-if not held then return {0, state, ''} end
-return {1, 'failed', end_job('failed', ARGV[3], ARGV[4], ARGV[5])}
-""",
-    # ARGV: job_id, token, now, count_attempt, reason_code
-    "requeue": """
-local held, state = holder(ARGV[2])
-if not held then return {0, state, ''} end
-if ARGV[4] == '0' then redis.call('HINCRBY', KEYS[1], 'attempts', -1) end
-to_queue(ARGV[3], ARGV[5])
-return {1, 'queued', ''}
-""",
-    # ARGV: job_id, now
-    "cancel": """
-local state = redis.call('HGET', KEYS[1], 'state')
-if state ~= 'queued' and state ~= 'running' then return {0, state or '', ''} end
-return {1, 'cancelled', end_job('cancelled', ARGV[2], 'cancelled', 'cancelled by the producer')}
-""",
-    # ARGV: job_id, now
-    "expire": """
-local st = redis.call('HMGET', KEYS[1], 'state', 'deadline')
-if st[1] == 'queued' and st[2] and st[2] ~= '' and tonumber(st[2]) < tonumber(ARGV[2]) then
-  return {1, 'failed', end_job('failed', ARGV[2], 'expired', 'deadline passed before the job started')}
-end
-if st[1] ~= 'queued' then redis.call('ZREM', KEYS[6], ARGV[1]) end
-return {0, st[1] or '', ''}
-""",
-    # ARGV: job_id, now, max_crashes, resend_before
-    "sweep": """
-local st = redis.call('HMGET', KEYS[1], 'state', 'lease_until', 'priority')
-local priority = st[3] or '0'
-if st[1] == 'running' then
-  if tonumber(st[2] or '0') > tonumber(ARGV[2]) then return {'live', '', priority} end
-  local poisoned = crashed(ARGV[2], ARGV[3])
-  if poisoned then return {'poisoned', poisoned, priority} end
-  to_queue(ARGV[2], 'lease_expired')
-  return {'requeued', '', priority}
-end
-redis.call('ZREM', KEYS[4], ARGV[1])
-if st[1] ~= 'queued' then
-  unindex()
-  return {'gone', '', priority}
-end
-local since = redis.call('ZSCORE', KEYS[5], ARGV[1])
-if since and tonumber(since) <= tonumber(ARGV[4]) then
-  index(5, ARGV[2])  -- its message may be lost: send another (a duplicate is dropped at claim)
-  return {'resend', '', priority}
-end
-return {'queued', '', priority}
-""",
-}
+
+def _load_scripts() -> dict[str, str]:
+    """Each transition's Lua source, api_client/lua/<name>.lua, after the shared helpers."""
+    lua = resources.files("api_client") / "lua"
+    common = f"local EVENTS_TTL, JOB_TTL = {keys.EVENTS_TTL_S}, {keys.JOB_TTL_S}\n" + (lua / "common.lua").read_text()
+    return {name: common + (lua / f"{name}.lua").read_text() for name in SCRIPT_NAMES}
+
+
+SCRIPTS = _load_scripts()
 
 
 @dataclass(frozen=True)
@@ -239,7 +91,7 @@ class JobStore:
         self.worker_id = worker_id
         self.lease_s = lease_s
         self.max_crashes = max_crashes
-        self.scripts = {name: client.register_script(_COMMON + body) for name, body in SCRIPTS.items()}
+        self.scripts = {name: client.register_script(source) for name, source in SCRIPTS.items()}
 
     def run(self, name: str, job_id: str, *args: Any, extra_keys: tuple[str, ...] = ()) -> list[Any]:
         """Run one named transition on one job; its KEYS are the job's (see keys.JobKeys)."""
@@ -289,6 +141,10 @@ class JobStore:
         """Renew the lease, riding out a short Redis outage; False means the claim is lost."""
         reply, _ = self._through_outage(lambda: self.renew(claim))
         return bool(reply)
+
+    def progress(self, claim: Claim, completion_tokens: int, text: str) -> bool:
+        """Record a running job's output so far (claim holder only) and announce it on its channel."""
+        return bool(self.run("progress", claim.job_id, claim.token, completion_tokens, text, repr(time.time())))
 
     def lost(self, claims: list[Claim]) -> list[str]:
         """The ids among `claims` this worker no longer holds (cancelled, taken over): one round trip."""

@@ -235,6 +235,13 @@ class JobResult(BaseModel):
     metadata: dict[str, str] = Field(default_factory=dict)
 
 
+class Progress(BaseModel):
+    """A running job's output so far (updated at most every 250 ms while it decodes)."""
+
+    completion_tokens: int
+    text: str
+
+
 class JobStatus(BaseModel):
     """What the Redis record says about a job now."""
 
@@ -250,6 +257,7 @@ class JobStatus(BaseModel):
     output_preview: str | None = None
     batch_size: int | None = None
     result_url: str | None = None
+    progress: Progress | None = None
 
     @classmethod
     def from_record(cls, rec: dict[str, str]) -> JobStatus:
@@ -269,4 +277,6 @@ class JobStatus(BaseModel):
             output_preview=rec.get("output_preview") or None,
             batch_size=int(rec["batch_size"]) if rec.get("batch_size") else None,
             result_url=rec.get("result_url") or None,
+            progress=Progress(completion_tokens=int(rec["progress_tokens"]), text=rec.get("progress_text", ""))
+            if rec.get("progress_tokens") and rec["state"] == "running" else None,
         )

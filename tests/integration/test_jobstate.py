@@ -80,6 +80,20 @@ def test_renew_extends_only_the_holders_lease(jobs):
     assert not jobs.renew(stranger)
 
 
+def test_progress_is_the_holders_latest_snapshot_and_not_an_event(jobs):
+    from api_client.schema import JobStatus
+
+    job_id = _create(jobs)
+    claim = jobs.claim(job_id).claim
+    stranger = type(claim)(**{**claim.__dict__, "token": "not-mine"})
+    assert jobs.progress(claim, 3, "Once") and not jobs.progress(stranger, 9, "forged")
+    status = JobStatus.from_record(jobs.raw(job_id))
+    assert (status.progress.completion_tokens, status.progress.text) == (3, "Once")
+    assert [e["state"] for e in jobs.events(job_id)] == ["queued", "running"]  # no event per snapshot
+    jobs.succeed(claim, {})
+    assert JobStatus.from_record(jobs.raw(job_id)).progress is None and not jobs.progress(claim, 4, "late")
+
+
 def test_succeed_writes_fields_for_the_holder_only(jobs, redis_client):
     job_id = _create(jobs, callback={"url": HOOK["url"]})  # default events: the terminal ones
     claim = jobs.claim(job_id).claim
@@ -163,6 +177,7 @@ def _exercise(jobs: JobStore) -> dict[str, list[str]]:
     b, c, d = _create(jobs), _create(jobs, deadline=time.time() - 1), _create(jobs, deadline=time.time() + 0.05)
     claim = jobs.claim(a).claim
     jobs.renew(claim)
+    jobs.progress(claim, 2, "so far")
     jobs.requeue(claim, "timeout", count_attempt=True)
     jobs.succeed(jobs.claim(a).claim, {"output_preview": "x"})
     jobs.fail(jobs.claim(b).claim, "invalid_media", "bad")
@@ -214,7 +229,8 @@ def test_every_script_touches_only_the_keys_it_is_given(jobs, redis_server):
     assert commands <= _ONE_KEY_COMMANDS, commands - _ONE_KEY_COMMANDS  # each takes its key first
     strays = {args[1] for args in from_lua if args[1] not in allowed}
     assert not strays, strays
-    assert set(SCRIPTS) == {"create", "claim", "renew", "succeed", "fail", "requeue", "cancel", "expire", "sweep"}
+    assert set(SCRIPTS) == {"create", "claim", "renew", "succeed", "fail", "requeue", "cancel", "expire", "sweep",
+                            "progress"}
 
 
 def test_every_script_runs_on_a_redis_cluster(tmp_path):
