@@ -13,7 +13,7 @@ $(PY):
 
 $(STAMP): $(PY) pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e ".[worker,dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[worker,api,dev]"
 	touch $(STAMP)
 
 # checkov (Kubernetes policy checks in tests/deploy) pins its own libraries,

@@ -5,6 +5,7 @@ torch or transformers (a test checks it).
 """
 
 from api_client.client import JobClient
+from api_client.http_client import HttpJobClient
 from api_client.errors import BrokerUnavailable, JobNotFound, RequestRejected, ServiceError, WaitTimeout
 from api_client.schema import (
     CallbackSpec,
@@ -26,6 +27,7 @@ __all__ = [
     "CallbackSpec",
     "ErrorCode",
     "GenerationParams",
+    "HttpJobClient",
     "ImageItem",
     "JobClient",
     "JobError",

@@ -22,38 +22,51 @@ from api_client import keys
 from api_client.dispatch import Dispatcher, producer_app
 from api_client.errors import BrokerUnavailable, JobNotFound, RequestRejected, WaitTimeout
 from api_client.jobstate import JobStore
+from api_client.quotas import Limits, Quotas
 from api_client.schema import MAX_REQUEST_BYTES, JobRequest, JobResult, JobState, JobStatus
 
 
 class JobClient:
     """Submit, follow and cancel jobs. Thread-safe; one per process is enough."""
 
-    def __init__(self, redis_url: str, *, socket_timeout: float = 10.0):
+    def __init__(self, redis_url: str, *, socket_timeout: float = 10.0, tenant: str = keys.INTERNAL_TENANT):
         self.redis_url = redis_url
+        self.tenant = tenant  # whose jobs this client submits; the direct client is trusted with every job
         self.redis = redis.Redis.from_url(
             redis_url, socket_timeout=socket_timeout, socket_connect_timeout=5, health_check_interval=30
         )
         self.jobs = JobStore(self.redis)
+        self.quotas = Quotas(self.redis)
         self.dispatch = Dispatcher(producer_app(redis_url))
 
     # ---- submitting -------------------------------------------------
-    def submit(self, request: JobRequest | dict[str, Any] | str) -> str:
+    def submit(self, request: JobRequest | dict[str, Any] | str, *, tenant: str | None = None,
+               limits: Limits | None = None, batch_id: str = "", priority: int | None = None) -> str:
         """Validate, record and enqueue one job; returns its id.
 
         Raises RequestRejected(code="invalid_request") for a malformed request.
         Submitting twice with the same idempotency_key returns the first job's id.
+        With `limits` (the HTTP API's tenants), the submit is admitted first and a
+        refusal (RateLimited, QuotaExceeded) records and enqueues nothing.
         """
         req = self._validate(request)
-        job_id = self.jobs.new_job_id(req.idempotency_key)
+        tenant = tenant or self.tenant
+        job_id = self.jobs.new_job_id(req.idempotency_key, tenant)
         body = req.model_dump_json(exclude_none=True)
         deadline = req.deadline.timestamp() if req.deadline else None
+        priority = req.priority if priority is None else priority
         with self._broker_errors():
+            now = time.time()
+            if limits is not None:
+                self.quotas.admit(tenant, job_id, limits, now=now)
             created = self.jobs.create(
-                job_id, body, now=time.time(), priority=req.priority,
-                deadline=deadline, idempotency_key=req.idempotency_key,
+                job_id, body, now=now, priority=priority, deadline=deadline,
+                idempotency_key=req.idempotency_key, tenant=tenant, batch_id=batch_id,
             )
             if created.done:
-                self.dispatch.run_job(job_id, req.priority)
+                self.dispatch.run_job(job_id, priority)
+            elif limits is not None:
+                self.quotas.release(tenant, job_id)  # the earlier job holds the request
         return created.job_id
 
     def submit_many(self, requests: Iterable[JobRequest | dict[str, Any]]) -> list[str]:

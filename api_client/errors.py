@@ -5,6 +5,10 @@
     ├── JobNotFound        no record for this job id: never existed, or expired (not_found)
     ├── WaitTimeout        wait() gave up before the job ended (timeout)
     ├── BrokerUnavailable  Redis could not be reached; raised, never a hang (broker_unavailable)
+    ├── Unauthorized       no valid API key (unauthorized; HTTP API only)
+    ├── RateLimited        the tenant submits faster than its rate (rate_limited, retry_after_s)
+    ├── QuotaExceeded      the tenant has its maximum of jobs queued or running (quota_exceeded)
+    ├── Conflict           the job's state does not allow this: no result yet, already ended (conflict)
     └── raised in workers, and classified there by class (worker/errors.py):
         JobFailed (worker/errors.py), ForbiddenURL (worker/netguard.py) and the storage
         errors (worker/media_fetch.py: MediaNotFound, MediaTooLarge, ForbiddenMedia,
@@ -57,3 +61,27 @@ class WaitTimeout(ServiceError):
 class BrokerUnavailable(ServiceError):
     code = ErrorCode.broker_unavailable
     retryable = True
+
+
+class Unauthorized(ServiceError):
+    code = ErrorCode.unauthorized
+
+
+class Conflict(ServiceError):
+    code = ErrorCode.conflict
+
+
+class _TryLater(ServiceError):
+    retryable = True
+
+    def __init__(self, message: str, *, retry_after_s: float):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class RateLimited(_TryLater):
+    code = ErrorCode.rate_limited
+
+
+class QuotaExceeded(_TryLater):
+    code = ErrorCode.quota_exceeded

@@ -57,6 +57,7 @@ class Claim:
     request_json: str
     queued_at: float
     priority: int
+    tenant: str = keys.INTERNAL_TENANT
 
 
 @dataclass(frozen=True)
@@ -98,20 +99,25 @@ class JobStore:
         return self.scripts[name](keys=keys.JobKeys.of(job_id).as_list() + list(extra_keys), args=[job_id, *args])
 
     # ---- the producer's transitions ----------------------------------------
-    def new_job_id(self, idempotency_key: str | None) -> str:
+    def new_job_id(self, idempotency_key: str | None, tenant: str = keys.INTERNAL_TENANT) -> str:
         """A fresh id; with an idempotency key, one in that key's shard, so both share a slot."""
+        scoped = None if idempotency_key is None else f"{tenant}/{idempotency_key}"
         while True:
             job_id = uuid.uuid4().hex
-            if idempotency_key is None or keys.shard_of(job_id) == keys.idempotency_shard(idempotency_key):
+            if scoped is None or keys.shard_of(job_id) == keys.idempotency_shard(scoped):
                 return job_id
 
     def create(self, job_id: str, request_json: str, *, now: float, priority: int, deadline: float | None,
-               idempotency_key: str | None) -> Transition:
-        """`job_id` is the job that holds the request: this one, or the earlier one of a repeated key."""
-        idem = keys.idempotency(idempotency_key or "-", keys.shard_of(job_id))
+               idempotency_key: str | None, tenant: str = keys.INTERNAL_TENANT, batch_id: str = "") -> Transition:
+        """`job_id` is the job that holds the request: this one, or the earlier one of a repeated key.
+
+        Idempotency keys are per tenant: another tenant's same key is another job."""
+        scoped = f"{tenant}/{idempotency_key}" if idempotency_key else "-"
+        idem = keys.idempotency(scoped, keys.shard_of(job_id))
         created, jid = self.run(
             "create", job_id, repr(now), request_json, priority, "" if deadline is None else repr(deadline),
-            keys.JOB_TTL_S, "1" if idempotency_key else "0", keys.IDEMPOTENCY_TTL_S, extra_keys=(idem,))
+            keys.JOB_TTL_S, "1" if idempotency_key else "0", keys.IDEMPOTENCY_TTL_S, tenant, batch_id,
+            extra_keys=(idem,))
         return Transition(job_id=_text(jid), done=bool(created), state="queued")
 
     def cancel(self, job_id: str, *, now: float | None = None) -> Transition:
@@ -130,7 +136,8 @@ class JobStore:
             state = "failed" if outcome in ("expired", "poison") else ""
             return Transition(job_id, False, state, _text(owed) or None, outcome=outcome)
         claim = Claim(job_id=job_id, token=token, attempt=int(attempt), request_json=_text(rec[0]),
-                      queued_at=float(_text(rec[1]) or now), priority=int(_text(rec[2]) or 0))
+                      queued_at=float(_text(rec[1]) or now), priority=int(_text(rec[2]) or 0),
+                      tenant=_text(rec[3]) or keys.INTERNAL_TENANT)
         return Transition(job_id, True, "running", _text(owed) or None, claim=claim, outcome=outcome)
 
     def renew(self, claim: Claim) -> bool:
@@ -245,6 +252,9 @@ class JobStore:
 
     def exists(self, job_id: str) -> bool:
         return bool(self.redis.exists(keys.job(job_id)))
+
+    def tenant_of(self, job_id: str) -> str | None:
+        return _text(self.redis.hget(keys.job(job_id), "tenant")) or None
 
     def state(self, job_id: str) -> str | None:
         return _text(self.redis.hget(keys.job(job_id), "state")) or None

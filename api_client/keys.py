@@ -128,6 +128,22 @@ def idempotency_shard(key: str) -> int:
     return zlib.crc32(key.encode()) % SHARDS
 
 
+INTERNAL_TENANT = "internal"  # the direct JobClient's tenant: trusted in-cluster producers
+
+
+@dataclass(frozen=True)
+class TenantKeys:
+    """One tenant's admission state (api_client/quotas.py), under the tenant's own hash tag."""
+
+    active: str  # sorted set: job_id -> submit time, for the tenant's jobs that may still be queued or running
+    bucket: str  # hash: the submit-rate token bucket (tokens, at)
+
+    @classmethod
+    def of(cls, tenant: str) -> TenantKeys:
+        t = f"{{{PREFIX}:tenant:{tenant}}}"
+        return cls(active=f"{t}:active", bucket=f"{t}:bucket")
+
+
 def all_shards() -> list[ShardKeys]:
     return [ShardKeys.of(n) for n in range(SHARDS)]
 

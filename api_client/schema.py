@@ -43,9 +43,13 @@ class ErrorCode(str, enum.Enum):
     poison = "poison"
     storage_unavailable = "storage_unavailable"
     internal_error = "internal_error"
-    # Raised by the client itself, never stored on a job.
+    # Raised by the client or the HTTP API itself, never stored on a job.
     not_found = "not_found"
     broker_unavailable = "broker_unavailable"
+    unauthorized = "unauthorized"
+    rate_limited = "rate_limited"
+    quota_exceeded = "quota_exceeded"
+    conflict = "conflict"
 
 
 class JobState(str, enum.Enum):

@@ -183,6 +183,34 @@ def serve_worker(settings: Any, *, on_started: Callable[[Any], None] | None = No
     return worker.exitcode or 0
 
 
+def cmd_api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from worker.http_api import create_api
+    from worker.logs import configure_logging
+    from worker.settings import Settings
+    from worker.tenants import TenantRegistry
+
+    settings = Settings()
+    configure_logging(settings.log_level, static={"component": "api"})
+    if not settings.redis_url:
+        sys.exit("error: set IVQ_REDIS_URL (the API has no embedded Redis)")
+    if settings.api_keys_file is None:
+        sys.exit("error: set IVQ_API_KEYS_FILE (tenants and the hashes of their keys; see `api-key`)")
+    app = create_api(settings.redis_url, TenantRegistry(settings.api_keys_file))
+    uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=False, proxy_headers=True)
+    return 0
+
+
+def cmd_api_key(args: argparse.Namespace) -> int:
+    from worker.tenants import key_entry, new_key
+
+    key = new_key()
+    print(f"key (give it to the tenant; it is not stored anywhere): {key}", file=sys.stderr)
+    print(key_entry(args.tenant, key))
+    return 0
+
+
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     from model_runtime.tiny import build_tiny
 
@@ -243,6 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--limit", type=int, default=100)
 
     sub.add_parser("worker", help="run a worker (settings from IVQ_* variables)").set_defaults(fn=cmd_worker)
+    sp = sub.add_parser("api", help="serve the HTTP API (settings from IVQ_* variables)")
+    sp.add_argument("--host", default="127.0.0.1")
+    sp.add_argument("--port", type=int, default=8000)
+    sp.set_defaults(fn=cmd_api)
+    sp = sub.add_parser("api-key", help="make an API key for a tenant and print its keys-file entry")
+    sp.add_argument("tenant")
+    sp.set_defaults(fn=cmd_api_key)
     sp = sub.add_parser("demo", help="the whole path on an embedded Redis with the tiny model")
     sp.add_argument("--jobs", type=int, default=30)
     sp.set_defaults(fn=cmd_demo)

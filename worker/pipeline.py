@@ -135,7 +135,7 @@ def _run(ctx: JobContext, claim: Claim, lost: Callable[[], bool]) -> str:
     if not ctx.jobs.holds(claim):  # cancelled or taken over while it ran: write nothing to the store
         log.warning("job.result_discarded", reason="claim lost before the result was written")
         return "discarded"
-    key = f"results/{claim.job_id}.json"
+    key = f"results/{claim.tenant}/{claim.job_id}.json"
     url = ctx.results.put_json(key, result.model_dump(mode="json"))
     ended = ctx.jobs.succeed(claim, {
         "result": result.model_dump_json(), "output_preview": out.text[:PREVIEW_CHARS],

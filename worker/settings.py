@@ -89,6 +89,10 @@ class Settings(BaseSettings):
     callback_timeout_s: float = 10.0
     callback_resend_after_s: float = 120.0  # a notify not run by then is sent again (same webhook-id)
 
+    # The HTTP API (`internvl-queue api`).
+    api_keys_file: Path | None = None  # tenants and SHA-256 hashes of their keys (worker/tenants.py)
+    api_max_batch_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)  # a JSONL batch body, streamed
+
     # Operations.
     metrics_port: int | None = None  # None: no HTTP server
     log_level: str = "INFO"

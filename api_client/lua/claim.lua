@@ -18,5 +18,5 @@ redis.call('ZREM', KEYS[5], ARGV[1])
 redis.call('ZREM', KEYS[6], ARGV[1])
 index(4, ARGV[5])
 local owed = emit('running', ARGV[4], {attempt = attempts, worker_id = ARGV[2]})
-local rec = redis.call('HMGET', KEYS[1], 'request', 'queued_at', 'priority')
-return {'claimed', attempts, owed, rec[1], rec[2] or '', rec[3] or ''}
+local rec = redis.call('HMGET', KEYS[1], 'request', 'queued_at', 'priority', 'tenant')
+return {'claimed', attempts, owed, rec[1], rec[2] or '', rec[3] or '', rec[4] or ''}

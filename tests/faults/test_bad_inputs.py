@@ -246,5 +246,5 @@ def test_cancel_a_running_job_discards_its_result(svc):
     s = client.status(job_id)
     assert s.state.value == "cancelled" and client.result(job_id) is None and s.result_url is None
     assert [e["state"] for e in client.jobs.events(job_id)] == ["queued", "running", "cancelled"]
-    listed = s3.list_objects_v2(Bucket=RESULTS, Prefix=f"ivq/results/{job_id}").get("KeyCount", 0)
+    listed = s3.list_objects_v2(Bucket=RESULTS, Prefix=f"ivq/results/internal/{job_id}").get("KeyCount", 0)
     assert listed == 0, "a cancelled job's result was written to the store"

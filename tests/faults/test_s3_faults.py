@@ -66,7 +66,7 @@ def test_s3_faults_are_retried_within_limits_and_404_fails_at_once(s3_server, re
     assert proxy.requests[f"GET /{MEDIA}/down-for-good.jpg"] == 12  # 3 attempts x 4 requests, then no more
     written = final[put_faulted]
     assert written.state.value == "succeeded" and written.attempts == 2, written
-    assert s3.get_object(Bucket=RESULTS, Key=f"ivq/results/{put_faulted}.json")["ContentLength"] > 0
+    assert s3.get_object(Bucket=RESULTS, Key=f"ivq/results/internal/{put_faulted}.json")["ContentLength"] > 0
     proxy.close()
 
     print(f"\n{'case':<18} {'faults (per request, in order)':<32} {'state':<10} attempts  code")

@@ -79,7 +79,7 @@ def test_sigkill_with_jobs_in_flight_every_job_succeeds_exactly_once(s3_server, 
 
     # Exactly one current result object per job, and it is the recorded one.
     listed = s3.list_objects_v2(Bucket=bucket, Prefix="ivq/results/", MaxKeys=1000)["Contents"]
-    assert sorted(o["Key"] for o in listed) == sorted(f"ivq/results/{j}.json" for j in ids)
+    assert sorted(o["Key"] for o in listed) == sorted(f"ivq/results/internal/{j}.json" for j in ids)
     versions = Counter(v["Key"] for v in s3.list_object_versions(Bucket=bucket, Prefix="ivq/results/")["Versions"])
     rewritten = sum(1 for n in versions.values() if n > 1)
     for j in ids:

@@ -50,7 +50,11 @@ def test_create_records_indexes_and_honours_the_idempotency_key(jobs, redis_clie
     again = jobs.create(jobs.new_job_id("order-7"), _request(), now=time.time(), priority=0, deadline=None,
                         idempotency_key="order-7")
     assert not again.done and again.job_id == first
-    assert keys.shard_of(first) == keys.idempotency_shard("order-7")  # both keys in one slot
+    assert keys.shard_of(first) == keys.idempotency_shard("internal/order-7")  # both keys in one slot
+    other = jobs.create(jobs.new_job_id("order-7", "acme"), _request(), now=time.time(), priority=0, deadline=None,
+                        idempotency_key="order-7", tenant="acme")
+    assert other.done and other.job_id != first  # another tenant's same key is another job
+    assert jobs.raw(other.job_id)["tenant"] == "acme" and jobs.raw(first)["tenant"] == "internal"
 
 
 def test_claim_fences_duplicates_and_owes_the_running_callback(jobs, redis_client):
@@ -187,7 +191,7 @@ def _exercise(jobs: JobStore) -> dict[str, list[str]]:
     time.sleep(0.1)
     jobs.sweep(resend_after_s=0.0)
     jobs.run("sweep", a, repr(time.time()), 2, repr(time.time()))
-    return {j: keys.JobKeys.of(j).as_list() + [keys.idempotency(k, keys.shard_of(j)) for k in ("k-1", "-")]
+    return {j: keys.JobKeys.of(j).as_list() + [keys.idempotency(k, keys.shard_of(j)) for k in ("internal/k-1", "-")]
             for j in (a, b, c, d, e)}
 
 

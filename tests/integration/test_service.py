@@ -74,9 +74,9 @@ def test_many_concurrent_jobs_all_succeed_with_results_in_s3_and_redis(service, 
         assert result is not None and result.job_id == job_id
         assert 1 <= result.usage.completion_tokens <= 8
         assert result.metadata == req.metadata
-        stored = json.loads(s3.get_object(Bucket=RESULTS, Key=f"ivq/results/{job_id}.json")["Body"].read())
+        stored = json.loads(s3.get_object(Bucket=RESULTS, Key=f"ivq/results/internal/{job_id}.json")["Body"].read())
         assert stored["output_text"] == result.output_text
-        assert client.status(job_id).result_url == f"s3://{RESULTS}/ivq/results/{job_id}.json"
+        assert client.status(job_id).result_url == f"s3://{RESULTS}/ivq/results/internal/{job_id}.json"
         sizes.append(result.batch_size)
     assert max(sizes) > 1, f"no batching observed: {sizes}"
     video_results = [client.result(j) for j, r in zip(ids, requests, strict=True) if any(

@@ -14,9 +14,9 @@ from api_client.client import JobClient
 from api_client.errors import RequestRejected
 
 PUBLIC = {
-    "BrokerUnavailable", "CallbackSpec", "ErrorCode", "GenerationParams", "ImageItem", "JobClient", "JobError",
-    "JobNotFound", "JobRequest", "JobResult", "JobState", "JobStatus", "Message", "RequestRejected", "ServiceError",
-    "TextItem", "VideoItem", "WaitTimeout",
+    "BrokerUnavailable", "CallbackSpec", "ErrorCode", "GenerationParams", "HttpJobClient", "ImageItem", "JobClient",
+    "JobError", "JobNotFound", "JobRequest", "JobResult", "JobState", "JobStatus", "Message", "RequestRejected",
+    "ServiceError", "TextItem", "VideoItem", "WaitTimeout",
 }
 
 

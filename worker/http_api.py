@@ -1,0 +1,199 @@
+"""The HTTP API: the only thing producers talk to (`internvl-queue api`).
+
+FastAPI on uvicorn, stateless, CPU only. Every call but the probes carries
+`Authorization: Bearer ivq_...`, which names a tenant (worker/tenants.py). A
+tenant sees only its own jobs: another tenant's job id answers 404, exactly
+like an unknown one, so ids do not leak. Submits are admitted against the
+tenant's rate and cap (api_client/quotas.py); a refusal is 429 with
+`Retry-After`, and nothing is recorded or enqueued.
+
+Errors have one shape, `{"error": {"code", "message"}}`, with the stable
+`ErrorCode`s (README, "Error codes") and the HTTP status below.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+import redis
+from fastapi import FastAPI, Header, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from api_client.client import JobClient
+from api_client.errors import (
+    Conflict,
+    JobNotFound,
+    QuotaExceeded,
+    RateLimited,
+    RequestRejected,
+    ServiceError,
+    Unauthorized,
+)
+from api_client.schema import MAX_REQUEST_BYTES, ErrorCode, JobResult, JobStatus
+from worker.http_events import event_stream
+from worker.tenants import Tenant, TenantRegistry
+
+STATUS_OF: dict[ErrorCode, int] = {
+    ErrorCode.invalid_request: 422, ErrorCode.unauthorized: 401, ErrorCode.not_found: 404,
+    ErrorCode.conflict: 409, ErrorCode.rate_limited: 429, ErrorCode.quota_exceeded: 429,
+    ErrorCode.broker_unavailable: 503,
+}
+ERRORS_DOC = "\n".join(f"- `{code.value}`: HTTP {status}" for code, status in STATUS_OF.items()) + (
+    "\n- a body that is not JSON: HTTP 400 `invalid_request`; a body over the limit: HTTP 413 `invalid_request`")
+
+
+Auth = Annotated[str | None, Header(alias="Authorization", include_in_schema=False)]
+
+
+class BodyTooLarge(RequestRejected):
+    pass
+
+
+class MalformedBody(RequestRejected):
+    pass
+
+
+def error_response(exc: ServiceError) -> JSONResponse:
+    status = 413 if isinstance(exc, BodyTooLarge) else 400 if isinstance(exc, MalformedBody) else \
+        STATUS_OF.get(exc.code, 500)
+    headers = {}
+    if isinstance(exc, (RateLimited, QuotaExceeded)):
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
+    if isinstance(exc, Unauthorized):
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse({"error": {"code": exc.code.value, "message": exc.message}}, status, headers=headers)
+
+
+async def read_capped(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it passes `limit` (before any parsing)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(f"body over {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"body over {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class ApiMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("ivq_api_requests", "HTTP requests, by route and status", ["route", "status"],
+                                registry=self.registry)
+        self.latency = Histogram("ivq_api_request_seconds", "HTTP request time, by route", ["route"],
+                                 registry=self.registry)
+
+
+def create_api(redis_url: str, tenants: TenantRegistry, *, batches: Any = None) -> FastAPI:
+    """The ASGI app. `batches` (worker/http_batches.py) adds the /v1/batches routes."""
+    client = JobClient(redis_url)
+    metrics = ApiMetrics()
+    app = FastAPI(title="internvl-queue", version="1",
+                  description="Queued InternVL jobs over images and videos in object storage.\n\n"
+                              "Errors are `{\"error\": {\"code\", \"message\"}}`:\n\n" + ERRORS_DOC)
+    app.state.client, app.state.tenants = client, tenants
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(redis.RedisError)
+    async def _redis_down(request: Request, exc: redis.RedisError) -> JSONResponse:
+        return error_response(ServiceError(f"Redis unreachable: {type(exc).__name__}",
+                                           code=ErrorCode.broker_unavailable))
+
+    @app.middleware("http")
+    async def _count(request: Request, call_next: Any) -> Response:
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = getattr(request.scope.get("route"), "path", "other")
+        metrics.requests.labels(route=route, status=str(response.status_code)).inc()
+        metrics.latency.labels(route=route).observe(time.perf_counter() - started)
+        return response
+
+    def tenant_of(authorization: str | None) -> Tenant:
+        return tenants.authenticate(authorization)
+
+    def owned(job_id: str, tenant: Tenant) -> None:
+        """404 for an unknown job and for another tenant's job alike."""
+        if client.jobs.tenant_of(job_id) != tenant.name:
+            raise JobNotFound(job_id)
+
+    @app.post("/v1/jobs", status_code=202, summary="Submit a job (a JobRequest)")
+    async def submit(request: Request, authorization: Auth = None,
+                     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None) -> JSONResponse:
+        tenant = tenant_of(authorization)
+        body = await read_capped(request, MAX_REQUEST_BYTES)
+        try:
+            data = json.loads(body)
+        except ValueError:
+            raise MalformedBody("the body is not JSON") from None
+        if not isinstance(data, dict):
+            raise MalformedBody("the body must be a JSON object (a JobRequest)")
+        if idempotency_key is not None:
+            data["idempotency_key"] = idempotency_key
+        job_id = client.submit(data, tenant=tenant.name, limits=tenant.limits)
+        status = client.status(job_id)
+        return JSONResponse({"job_id": job_id, "status": status.model_dump(mode="json")}, 202)
+
+    @app.get("/v1/jobs/{job_id}", response_model=JobStatus, summary="A job's status (and progress while it runs)")
+    def status(job_id: str, authorization: Auth = None) -> JobStatus:
+        owned(job_id, tenant_of(authorization))
+        return client.status(job_id)
+
+    @app.get("/v1/jobs/{job_id}/result", response_model=JobResult, summary="A succeeded job's result")
+    def result(job_id: str, authorization: Auth = None) -> JobResult:
+        owned(job_id, tenant_of(authorization))
+        found = client.result(job_id)
+        if found is None:
+            raise Conflict(f"job {job_id} is {client.status(job_id).state.value}: no result")
+        return found
+
+    @app.post("/v1/jobs/{job_id}/cancel", response_model=JobStatus, summary="Cancel a queued or running job")
+    def cancel(job_id: str, authorization: Auth = None) -> JobStatus:
+        tenant = tenant_of(authorization)
+        owned(job_id, tenant)
+        before = client.status(job_id)
+        if before.state.terminal:
+            raise Conflict(f"job {job_id} already ended {before.state.value}")
+        after = client.cancel(job_id)
+        client.quotas.release(tenant.name, job_id)
+        return after
+
+    @app.get("/v1/jobs/{job_id}/events", summary="Server-Sent Events: state changes and text deltas")
+    async def events(job_id: str, authorization: Auth = None,
+                     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None) -> StreamingResponse:
+        owned(job_id, tenant_of(authorization))
+        stream: AsyncIterator[str] = event_stream(redis_url, job_id, last_event_id)
+        return StreamingResponse(stream, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.get("/healthz", include_in_schema=False)
+    def healthz() -> dict[str, bool]:
+        return {"ok": True}
+
+    @app.get("/readyz", include_in_schema=False)
+    def readyz() -> JSONResponse:
+        try:
+            ok = bool(client.redis.ping())
+        except redis.RedisError:
+            ok = False
+        return JSONResponse({"ok": ok, "reason": "ok" if ok else "redis unreachable"}, 200 if ok else 503)
+
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    if batches is not None:
+        batches.mount(app, client, tenant_of, read_capped)
+    app.router.on_shutdown.append(client.close)
+    return app
