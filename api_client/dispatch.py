@@ -49,6 +49,13 @@ class Dispatcher:
         self._send(keys.INFER_TASK, [job_id], keys.INFER_QUEUE, priority=keys.celery_priority(priority),
                    countdown=countdown or None)
 
+    def run_jobs(self, jobs: list[tuple[str, int]]) -> None:
+        """Send the run messages of many jobs (job_id, priority), pipelined: a batch file's chunk."""
+        with self.app.producer_or_acquire() as producer, producer.batch(max_size=len(jobs) or 1):
+            for job_id, priority in jobs:
+                self._send(keys.INFER_TASK, [job_id], keys.INFER_QUEUE, priority=keys.celery_priority(priority),
+                           producer=producer)
+
     def announce(self, transition: Transition) -> bool:
         """Send the notify a transition owes, if it owes one (the state machine decided)."""
         if not transition.notify:

@@ -128,6 +128,37 @@ class HttpJobClient:
             if kind == "delta":
                 yield data["text"]
 
+    # ---- batches -------------------------------------------------------
+    def submit_batch(self, lines: Iterable[dict[str, Any]] | str | bytes, *, partial: bool = False,
+                     callback_url: str | None = None) -> dict[str, Any]:
+        """Submit a batch: dicts ({"custom_id", "request"}), or a JSONL text. Returns batch_id,
+        accepted and the rejected lines (with partial=True; otherwise a bad line raises)."""
+        body = lines if isinstance(lines, (str, bytes)) else "".join(json.dumps(x) + "\n" for x in lines)
+        params: dict[str, Any] = {"partial": "true" if partial else "false"}
+        if callback_url:
+            params["callback_url"] = callback_url
+        response = self.http.post("/v1/batches", content=body, params=params,
+                                  headers={"Content-Type": "application/jsonl"})
+        if response.status_code == 422 and "lines" in response.json():
+            lines_bad = response.json()["lines"]
+            raise RequestRejected("; ".join(f"line {x['line']}: {x['message']}" for x in lines_bad[:10]))
+        _raise_for(response)
+        return dict(response.json())
+
+    def batch(self, batch_id: str) -> dict[str, Any]:
+        """The batch's state and its jobs' counts by state."""
+        return dict(self._call("GET", f"/v1/batches/{batch_id}"))
+
+    def batch_results(self, batch_id: str) -> Iterator[dict[str, Any]]:
+        """A completed batch's results, one dict a line, in input order."""
+        with self.http.stream("GET", f"/v1/batches/{batch_id}/results") as response:
+            if response.status_code >= 400:
+                response.read()
+                _raise_for(response)
+            for line in response.iter_lines():
+                if line:
+                    yield json.loads(line)
+
     def close(self) -> None:
         self.http.close()
 

@@ -94,9 +94,11 @@ class JobStore:
         self.max_crashes = max_crashes
         self.scripts = {name: client.register_script(source) for name, source in SCRIPTS.items()}
 
-    def run(self, name: str, job_id: str, *args: Any, extra_keys: tuple[str, ...] = ()) -> list[Any]:
-        """Run one named transition on one job; its KEYS are the job's (see keys.JobKeys)."""
-        return self.scripts[name](keys=keys.JobKeys.of(job_id).as_list() + list(extra_keys), args=[job_id, *args])
+    def run(self, name: str, job_id: str, *args: Any, extra_keys: tuple[str, ...] = (), pipe: Any = None) -> Any:
+        """Run one named transition on one job; its KEYS are the job's (see keys.JobKeys).
+        With `pipe`, it is queued on that pipeline and its reply comes from `pipe.execute()`."""
+        return self.scripts[name](keys=keys.JobKeys.of(job_id).as_list() + list(extra_keys), args=[job_id, *args],
+                                  client=pipe)
 
     # ---- the producer's transitions ----------------------------------------
     def new_job_id(self, idempotency_key: str | None, tenant: str = keys.INTERNAL_TENANT) -> str:
@@ -112,13 +114,26 @@ class JobStore:
         """`job_id` is the job that holds the request: this one, or the earlier one of a repeated key.
 
         Idempotency keys are per tenant: another tenant's same key is another job."""
+        created, jid = self._create(job_id, request_json, now, priority, deadline, idempotency_key, tenant, batch_id)
+        return Transition(job_id=_text(jid), done=bool(created), state="queued")
+
+    def create_many(self, jobs: list[tuple[str, str]], *, now: float, priority: int, tenant: str,
+                    batch_id: str) -> list[Transition]:
+        """(job_id, request JSON) each, created in one pipelined round trip (a batch file's chunk)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id, request_json in jobs:
+            self._create(job_id, request_json, now, priority, None, None, tenant, batch_id, pipe=pipe)
+        return [Transition(job_id=_text(jid), done=bool(created), state="queued")
+                for created, jid in pipe.execute()]
+
+    def _create(self, job_id: str, request_json: str, now: float, priority: int, deadline: float | None,
+                idempotency_key: str | None, tenant: str, batch_id: str, pipe: Any = None) -> Any:
         scoped = f"{tenant}/{idempotency_key}" if idempotency_key else "-"
         idem = keys.idempotency(scoped, keys.shard_of(job_id))
-        created, jid = self.run(
+        return self.run(
             "create", job_id, repr(now), request_json, priority, "" if deadline is None else repr(deadline),
             keys.JOB_TTL_S, "1" if idempotency_key else "0", keys.IDEMPOTENCY_TTL_S, tenant, batch_id,
-            extra_keys=(idem,))
-        return Transition(job_id=_text(jid), done=bool(created), state="queued")
+            extra_keys=(idem,), pipe=pipe)
 
     def cancel(self, job_id: str, *, now: float | None = None) -> Transition:
         done, state, owed = self.run("cancel", job_id, repr(now or time.time()))

@@ -50,9 +50,15 @@ def infer_queue_lists() -> list[str]:
     return [INFER_QUEUE] + [f"{INFER_QUEUE}{PRIORITY_SEP}{p}" for p in PRIORITY_STEPS[1:]]
 
 
+BATCH_PRIORITY = -1  # a job of a batch file: below every interactive priority
+
+
 def celery_priority(request_priority: int) -> int:
-    """Our priority is 0 (normal) .. 9 (most urgent); kombu's redis runs lower numbers first."""
-    return 9 - request_priority
+    """Our priority is 0 (normal) .. 9 (most urgent), and BATCH_PRIORITY for batch jobs;
+    kombu's redis runs lower numbers first and files a message under the largest step at
+    or below its number. Interactive jobs use steps 0 (priority 7-9), 3 (4-6) and 6 (0-3);
+    batch jobs step 9 alone, so they run only when no interactive job waits."""
+    return 9 if request_priority < 0 else min(6, 9 - request_priority)
 
 
 # TTLs (seconds)
@@ -152,6 +158,21 @@ def job_pattern() -> str:
     """SCAN pattern matching every job record (operators and tests)."""
     return f"{{{PREFIX}:*}}:job:*"
 
+
+@dataclass(frozen=True)
+class BatchKeys:
+    """One batch (api_client/batches.py), under the batch's own hash tag."""
+
+    record: str  # hash: tenant, state, counts, callback, results_url
+    jobs: str  # list of "custom_id<TAB>job_id", in input order
+
+    @classmethod
+    def of(cls, batch_id: str) -> BatchKeys:
+        t = f"{{{PREFIX}:batch:{batch_id}}}"
+        return cls(record=f"{t}:batch", jobs=f"{t}:jobs")
+
+
+OPEN_BATCHES = f"{PREFIX}:batches:open"  # sorted set: batch_id -> created, until its results are written
 
 # Keys outside the job state machine (one each; no script spans them and a job's keys).
 DEAD_CALLBACKS = f"{PREFIX}:callbacks:dead"  # list of dead callback deliveries (JSON)

@@ -78,9 +78,10 @@ class Attempt:
     delay_s: float = 0.0
 
 
-def build_delivery(job_id: str, event: str, payload: dict, callback: CallbackSpec) -> dict:
-    """A new delivery for one job event; its webhook_id stays the same through retries and replays."""
-    body = {"type": f"job.{event}", "timestamp": _now_iso(), "data": payload}
+def build_delivery(job_id: str, event: str, payload: dict, callback: CallbackSpec, *, kind: str = "job") -> dict:
+    """A new delivery for one job event (or, kind="batch", a batch's); its webhook_id stays the
+    same through retries and replays."""
+    body = {"type": f"{kind}.{event}", "timestamp": _now_iso(), "data": payload}
     return {
         "webhook_id": event_webhook_id(job_id, event),
         "job_id": job_id,

@@ -36,6 +36,7 @@ from api_client.errors import (
     Unauthorized,
 )
 from api_client.schema import MAX_REQUEST_BYTES, ErrorCode, JobResult, JobStatus
+from worker.http_batches import BatchRoutes
 from worker.http_events import event_stream
 from worker.tenants import Tenant, TenantRegistry
 
@@ -93,8 +94,8 @@ class ApiMetrics:
                                  registry=self.registry)
 
 
-def create_api(redis_url: str, tenants: TenantRegistry, *, batches: Any = None) -> FastAPI:
-    """The ASGI app. `batches` (worker/http_batches.py) adds the /v1/batches routes."""
+def create_api(redis_url: str, tenants: TenantRegistry, *, batches: BatchRoutes | None = None) -> FastAPI:
+    """The ASGI app. `batches` (worker/http_batches.py, it needs the object store) adds /v1/batches."""
     client = JobClient(redis_url)
     metrics = ApiMetrics()
     app = FastAPI(title="internvl-queue", version="1",

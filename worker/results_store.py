@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -49,6 +51,14 @@ class ObjectStore:
         raise NotImplementedError
 
     def get_json(self, key: str) -> dict:
+        raise NotImplementedError
+
+    def put_file(self, key: str, path: Path) -> str:
+        """Store a local file (a batch's results, written line by line first) under `key`."""
+        raise NotImplementedError
+
+    def iter_lines(self, key: str) -> Iterator[bytes]:
+        """The object's lines, read as they stream (a batch's results file)."""
         raise NotImplementedError
 
     def exists(self, key: str) -> bool:
@@ -93,6 +103,26 @@ class FileStore(ObjectStore):
         path = self._path(key)
         return json.loads(file_get_capped(path, MAX_JSON_BYTES, what=self.url_for(key)))
 
+    def put_file(self, key: str, path: Path) -> str:
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            shutil.copyfile(path, tmp)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return self.url_for(key)
+
+    def iter_lines(self, key: str) -> Iterator[bytes]:
+        try:
+            with open(self._path(key), "rb") as f:
+                yield from f
+        except FileNotFoundError:
+            raise MediaNotFound(f"{self.url_for(key)}: no such file") from None
+
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
@@ -135,6 +165,28 @@ class S3Store(ObjectStore):
     def get_json(self, key: str) -> dict:
         raw = s3_get_capped(self.client, self.bucket, self._key(key), MAX_JSON_BYTES, what=self.url_for(key))
         return json.loads(raw)
+
+    def put_file(self, key: str, path: Path) -> str:
+        url = self.url_for(key)
+        try:  # multipart above boto3's threshold: a large file never sits in memory
+            self.client.upload_file(str(path), self.bucket, self._key(key),
+                                    ExtraArgs={"ContentType": "application/jsonl"})
+        except ClientError as exc:
+            raise translate_client_error(exc, url) from None
+        except BotoCoreError as exc:
+            raise translate_boto_error(exc, url) from None
+        return url
+
+    def iter_lines(self, key: str) -> Iterator[bytes]:
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
+        except ClientError as exc:
+            raise translate_client_error(exc, self.url_for(key)) from None
+        try:
+            for line in body.iter_lines():
+                yield line + b"\n"
+        finally:
+            body.close()
 
     def delete(self, key: str) -> None:
         try:

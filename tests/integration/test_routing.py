@@ -41,3 +41,14 @@ def test_priorities_use_the_documented_sub_queues(redis_url, redis_client):
     lists = {name: redis_client.llen(name) for name in keys.infer_queue_lists()}
     assert sum(lists.values()) == 2
     assert lists[keys.INFER_QUEUE] == 1  # most urgent lands in the list served first
+
+
+def test_batch_jobs_queue_behind_interactive_ones(redis_url, redis_client):
+    redis_client.flushdb()
+    assert keys.celery_priority(keys.BATCH_PRIORITY) > max(keys.celery_priority(p) for p in range(10))
+    dispatch = Dispatcher(producer_app(redis_url))
+    dispatch.run_job("a-batch-job", keys.BATCH_PRIORITY)
+    dispatch.run_job("an-interactive-job", 0)
+    dispatch.run_job("an-urgent-job", 9)
+    lengths = {q: redis_client.llen(q) for q in keys.infer_queue_lists()}
+    assert lengths == {"infer": 1, "infer:3": 0, "infer:6": 1, "infer:9": 1}  # "infer:9" is served last

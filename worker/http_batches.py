@@ -1,0 +1,103 @@
+"""The HTTP API's batch routes (worker/batches.py holds what they do).
+
+    POST /v1/batches              a JSONL body (?partial=true&callback_url=...), or
+                                  {"input_url": "s3://.../requests.jsonl", "partial": .., "callback": {..}}
+    GET  /v1/batches/{id}         counts by state; results_url once completed
+    GET  /v1/batches/{id}/results the results JSONL (409 until completed)
+
+A refused file answers 422 with `{"error": {...}, "lines": [{"line", "custom_id",
+"message"}, ...]}` and creates nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Callable, Iterator
+from typing import IO, Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from api_client.client import JobClient
+from api_client.errors import Conflict, RequestRejected
+from api_client.schema import CallbackSpec
+from worker.batches import Batches, Checked, check_lines
+from worker.media_fetch import parse_s3_url
+from worker.results_store import ObjectStore
+
+
+async def _spool(request: Request, limit: int) -> IO[bytes]:
+    """The body written to a temporary file as it arrives (memory stays flat), refused past `limit`."""
+    from worker.http_api import BodyTooLarge
+
+    spool, size = tempfile.TemporaryFile(), 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            spool.close()
+            raise BodyTooLarge(f"body over {limit} bytes")
+        spool.write(chunk)
+    spool.seek(0)
+    return spool
+
+
+class BatchRoutes:
+    def __init__(self, store: ObjectStore, *, max_body_bytes: int, allowed_buckets: tuple[str, ...] = ()):
+        self.store = store
+        self.max_body_bytes = max_body_bytes
+        self.allowed_buckets = allowed_buckets
+
+    def _input_lines(self, url: str) -> Iterator[bytes]:
+        bucket, key = parse_s3_url(url)
+        if self.allowed_buckets and bucket not in self.allowed_buckets:
+            raise RequestRejected(f"bucket {bucket!r} is not one this service reads")
+        body = self.store.fetcher.s3.get_object(Bucket=bucket, Key=key)["Body"]
+        try:
+            yield from body.iter_lines()
+        finally:
+            body.close()
+
+    def mount(self, app: FastAPI, client: JobClient, tenant_of: Callable[[str | None], Any],
+              read_capped: Any) -> None:
+        batches = Batches(client.redis, client)
+
+        @app.post("/v1/batches", status_code=202, summary="Submit a JSONL file of requests (a batch)")
+        async def submit(request: Request, partial: bool = False, callback_url: str | None = None) -> JSONResponse:
+            tenant = tenant_of(request.headers.get("authorization"))
+            callback = CallbackSpec(url=callback_url) if callback_url else None
+            media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if media_type == "application/json":  # not application/jsonl or x-ndjson: those are the file
+                spec = json.loads(await read_capped(request, 64 * 1024))
+                if not isinstance(spec, dict) or not isinstance(spec.get("input_url"), str):
+                    raise RequestRejected('a JSON body is {"input_url": "s3://...", "partial": ..., "callback": ...}')
+                partial = bool(spec.get("partial", partial))
+                callback = CallbackSpec.model_validate(spec["callback"]) if spec.get("callback") else callback
+                checked: Checked = await run_in_threadpool(lambda: check_lines(self._input_lines(spec["input_url"])))
+            else:
+                with await _spool(request, self.max_body_bytes) as body:
+                    checked = await run_in_threadpool(check_lines, body)
+            if checked.bad_count and not partial or not checked.accepted:
+                message = (f"{checked.bad_count} bad line(s); nothing was accepted" if checked.bad_count
+                           else "the file holds no request")
+                checked.spool.close()
+                return JSONResponse({"error": {"code": "invalid_request", "message": message},
+                                     "lines": checked.bad}, 422)
+            batch_id = await run_in_threadpool(batches.create, tenant.name, checked, callback=callback)
+            checked.spool.close()
+            return JSONResponse({"batch_id": batch_id, "accepted": checked.accepted, "rejected": checked.bad}, 202)
+
+        @app.get("/v1/batches/{batch_id}", summary="A batch's progress: jobs by state")
+        def status(batch_id: str, request: Request) -> dict[str, Any]:
+            tenant = tenant_of(request.headers.get("authorization"))
+            return batches.status(batch_id, tenant.name)
+
+        @app.get("/v1/batches/{batch_id}/results", summary="A completed batch's results (JSONL, input order)")
+        def results(batch_id: str, request: Request) -> StreamingResponse:
+            tenant = tenant_of(request.headers.get("authorization"))
+            rec = batches.record(batch_id, tenant.name)
+            if rec["state"] != "completed":
+                raise Conflict(f"batch {batch_id} is {rec['state']}: no results yet")
+            return StreamingResponse(self.store.iter_lines(f"batches/{batch_id}/results.jsonl"),
+                                     media_type="application/jsonl")
