@@ -16,7 +16,8 @@ every request of that group `GenerationFailed`; we do not bisect to find a
 culprit, because requests reaching here were already validated by `prepare`
 and a generate failure is a worker fault, not a request fault. A request
 already cancelled or past its deadline when its batch starts does not run:
-it gets `RequestCancelled` / `DeadlineExceeded`.
+it gets `RequestCancelled` / `DeadlineExceeded`. It reports no progress while a
+batch generates: it never calls `Prepared.on_progress` (only the continuous engine does).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any
 
 import structlog
 
+from model_runtime.text import decode_text
 from model_runtime.types import (
     DeadlineExceeded, FinishReason, GenerationFailed, Output, Prepared, RequestCancelled, Sampling, TooLargeForGPU,
 )
@@ -214,7 +216,7 @@ class Engine:
         )
 
     def _decode(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+        return decode_text(self.tokenizer, tokens)
 
 
 def _first_stop(text: str, stop: tuple[str, ...]) -> int | None:

@@ -17,7 +17,9 @@ Only the model thread calls it. Each `step()`:
 5. decodes one token for every running row, each with its own sampling, and
    resolves those that ended: EOS, their own max_new_tokens or a stop string.
    A row that ended is masked work until a quarter of the batch has ended
-   (then `compact`), because freeing its slot copies the whole cache.
+   (then `compact`), because freeing its slot copies the whole cache;
+6. hands each running row's ids so far to its request's `on_progress` hook,
+   at most every `progress_interval_s` per request (`RunningBatch.report_progress`).
 
 Failures stay per request: out of memory while joining puts the joiners back
 to wait (fewer at a time, or until the running batch shrinks); out of memory
@@ -31,6 +33,7 @@ from __future__ import annotations
 import time
 import traceback
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -39,18 +42,21 @@ import torch
 from model_runtime.running_batch import ContinuousStats, Joining, Row, RunningBatch
 from model_runtime.engine_memory import MemoryPolicy, as_failure
 from model_runtime.prefill import chunk_prefill, embed_prompt, image_features, packed_prefill
-from model_runtime.sampling import choose_tokens, cut_at_stop, new_generator
+from model_runtime.sampling import choose_tokens, new_generator
+from model_runtime.text import cut_at_stop, decode_text
 from model_runtime.types import DeadlineExceeded, Output, Prepared, RequestCancelled, TooLargeForGPU
 
 log = structlog.get_logger(__name__)
 
 Finished = tuple[Prepared, "Output | BaseException"]
 IDLE_BUDGET_SCALE = 8  # vision and prefill budgets per step while no row is decoding
+PROGRESS_INTERVAL_S = 0.25  # a request's on_progress hook, at most this often
 
 
 class ContinuousEngine(MemoryPolicy):
     def __init__(self, loaded: Any, *, max_batch_size: int, max_batch_tokens: int,
-                 prefill_chunk_tokens: int = 512, vision_chunk_tiles: int = 8) -> None:
+                 prefill_chunk_tokens: int = 512, vision_chunk_tiles: int = 8,
+                 progress_interval_s: float = PROGRESS_INTERVAL_S, clock: Callable[[], float] = time.monotonic) -> None:
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.processor.tokenizer
@@ -58,6 +64,8 @@ class ContinuousEngine(MemoryPolicy):
         self.max_batch_tokens = max_batch_tokens
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.vision_chunk_tiles = vision_chunk_tiles
+        self.progress_interval_s = progress_interval_s
+        self.clock = clock  # the progress hooks' clock (tests step a fake one)
         self.device = self.model.device
         self.attn_implementation = loaded.attn_implementation
         self.image_token_id = int(self.model.config.image_token_id)
@@ -118,6 +126,8 @@ class ContinuousEngine(MemoryPolicy):
                 stall_ms = (decode_started - join_started) * 1000.0  # the running rows waited this long
                 self.stats.max_decode_stall_ms = max(self.stats.max_decode_stall_ms, stall_ms)
             self._decode(finished)
+            if self._running is not None:
+                self._running.report_progress(self.clock(), self.progress_interval_s)
         self.stats.vision_seconds += vision_done - join_started
         self.stats.prefill_seconds += decode_started - vision_done
         self.stats.decode_seconds += time.perf_counter() - decode_started
@@ -367,7 +377,7 @@ class ContinuousEngine(MemoryPolicy):
             return True
         row.generated.append(token)
         if sampling.stop:
-            text = self.tokenizer.decode(row.generated, skip_special_tokens=True)
+            text = decode_text(self.tokenizer, row.generated)
             if (cut := cut_at_stop(text, sampling.stop)) is not None:
                 finished.append((row.prepared, row.output(self.tokenizer, "stop", text=cut)))
                 return True

@@ -4,7 +4,9 @@
   order; fewer join at a time, and one alone beside running rows waits until
   a row leaves. Alone with nothing else held, it ends `TooLargeForGPU`.
 - Out of memory mid-decode: the newest row is preempted (its cache dropped,
-  queued again to be recomputed from scratch); alone, it ends `TooLargeForGPU`.
+  queued again to be recomputed from scratch, an unseeded sampled one with the
+  seed it drew from, so it recomputes the tokens its progress already showed);
+  alone, it ends `TooLargeForGPU`.
 - Any other exception fails the requests of the computation that raised.
 
 A mixin of `ContinuousEngine` (model_runtime/engine_continuous.py): it works
@@ -13,6 +15,7 @@ on that engine's queues and limits.
 
 from __future__ import annotations
 
+import dataclasses
 import traceback
 from collections import deque
 
@@ -80,6 +83,8 @@ class MemoryPolicy:
         left = len(batch) - 1
         batch.retire(newest)
         batch.compact()  # free its memory now
+        if row.generator is not None and row.prepared.sampling.seed is None:
+            row.prepared.sampling = dataclasses.replace(row.prepared.sampling, seed=row.generator.initial_seed())
         self._waiting.appendleft((row.prepared, row.added_at))  # recomputed from scratch when it rejoins
         self._admit_below = left  # it rejoins once a row has left
         self.stats.preempted += 1

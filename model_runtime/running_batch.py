@@ -11,6 +11,9 @@ alone. Columns that no row uses any more are dropped when rows leave.
 Only the public cache API is used: iterating a `DynamicCache` gives each
 layer's keys and values, `DynamicCache(ddp_cache_data=...)` builds one, and
 `batch_select_indices` keeps rows.
+
+`report_progress` hands each running row's ids so far to its request's
+`on_progress` hook (model_runtime/types.py), throttled per row.
 """
 
 from __future__ import annotations
@@ -19,10 +22,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import structlog
 import torch
 from transformers import DynamicCache
 
+from model_runtime.text import decode_text
 from model_runtime.types import FinishReason, Output, Prepared
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass(eq=False)  # identity: rows and joiners are looked up in lists
@@ -37,6 +44,8 @@ class Row:
     generated: list[int] = field(default_factory=list)
     peak_batch: int = 1
     text: str = ""  # decoded output so far, kept only for rows with stop strings
+    progress_at: float | None = None  # when its hook was last called (or its first decode step)
+    progress_off: bool = False  # its hook raised: not called again
 
     @property
     def request_id(self) -> str:
@@ -47,7 +56,7 @@ class Row:
         """The row's result, now: its text (or `text`, cut at a stop string) and its counts."""
         return Output(
             request_id=self.request_id,
-            text=tokenizer.decode(self.generated, skip_special_tokens=True) if text is None else text,
+            text=decode_text(tokenizer, self.generated) if text is None else text,
             finish_reason=reason,
             prompt_tokens=self.prepared.prompt_tokens,
             completion_tokens=len(self.generated) if completion is None else completion,
@@ -231,4 +240,22 @@ class RunningBatch:
 
     def set_next(self, tokens: list[int]) -> None:
         self.next_ids = torch.tensor(tokens, dtype=torch.long, device=self.next_ids.device)
+
+    def report_progress(self, now: float, interval: float) -> None:
+        """Call each live row's `on_progress` with a copy of its ids so far, at most every `interval`
+        seconds (the first call `interval` after its first decode step). Rows that ended are not live."""
+        for _, row in self.live():
+            hook = row.prepared.on_progress
+            if hook is None or row.progress_off:
+                continue
+            if row.progress_at is None:
+                row.progress_at = now
+            if now - row.progress_at < interval or not row.generated:
+                continue
+            row.progress_at = now
+            try:
+                hook(tuple(row.generated))
+            except Exception as exc:  # noqa: BLE001 - a broken hook costs its progress, never its request
+                row.progress_off = True
+                log.warning("progress_hook_failed", request_id=row.request_id, error=repr(exc))
 

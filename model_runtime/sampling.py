@@ -3,7 +3,7 @@
 Greedy rows take the argmax. Sampled rows apply, in transformers' order,
 repetition penalty → temperature → top-k → top-p, then draw with their own
 `torch.Generator`, so a seeded request draws the same numbers whatever its
-neighbours are. Stop strings are checked on the decoded text.
+neighbours are. Stop strings are checked on the decoded text (model_runtime/text.py).
 """
 
 from __future__ import annotations
@@ -81,9 +81,3 @@ def choose_tokens(logits: torch.Tensor, samplings: list[Sampling], seen: list[Ca
         probs = scores.softmax(dim=-1)
         chosen[row] = int(torch.multinomial(probs, 1, generator=generators[row]))
     return chosen
-
-
-def cut_at_stop(text: str, stops: tuple[str, ...]) -> str | None:
-    """The text before the earliest stop string, or None if none occurs."""
-    hits = [index for index in (text.find(stop) for stop in stops) if index >= 0]
-    return text[: min(hits)] if hits else None

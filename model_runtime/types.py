@@ -10,7 +10,7 @@ Importing this module does not import torch or transformers.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -92,6 +92,11 @@ class Prepared:
     (image and video tokens included) plus the tokens it may generate, which
     is what its KV cache grows to. `deadline` (time.monotonic) and
     `cancelled` are set by the caller; the engine checks both at every step.
+    `on_progress`, if set, is called on the model thread with the ids generated
+    so far (a tuple of its own), at most every `progress_interval_s` and never
+    once the request has ended; it must only hand them over (the continuous
+    engine calls it; the static engine does not). If it raises, it is logged and
+    not called again, and the request decodes on.
     """
 
     request_id: str
@@ -105,6 +110,7 @@ class Prepared:
     preprocess_ms: float
     deadline: float | None = None
     cancelled: Callable[[], bool] | None = None
+    on_progress: Callable[[Sequence[int]], None] | None = None
 
     @property
     def tiles(self) -> int:
