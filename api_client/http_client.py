@@ -12,10 +12,11 @@ built from the API's `{"error": {"code", "message"}}` body.
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import IO, Any
 
 import httpx
 
@@ -129,11 +130,13 @@ class HttpJobClient:
                 yield data["text"]
 
     # ---- batches -------------------------------------------------------
-    def submit_batch(self, lines: Iterable[dict[str, Any]] | str | bytes, *, partial: bool = False,
+    def submit_batch(self, lines: Iterable[dict[str, Any]] | str | bytes | IO[bytes], *, partial: bool = False,
                      callback_url: str | None = None) -> dict[str, Any]:
-        """Submit a batch: dicts ({"custom_id", "request"}), or a JSONL text. Returns batch_id,
-        accepted and the rejected lines (with partial=True; otherwise a bad line raises)."""
-        body = lines if isinstance(lines, (str, bytes)) else "".join(json.dumps(x) + "\n" for x in lines)
+        """Submit a batch: dicts ({"custom_id", "request"}), a JSONL text, or an open JSONL file
+        (streamed). Returns batch_id, accepted and the rejected lines (with partial=True;
+        otherwise a bad line raises RequestRejected)."""
+        body: Any = lines if isinstance(lines, (str, bytes, io.IOBase)) else \
+            "".join(json.dumps(x) + "\n" for x in lines)
         params: dict[str, Any] = {"partial": "true" if partial else "false"}
         if callback_url:
             params["callback_url"] = callback_url

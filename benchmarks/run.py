@@ -121,6 +121,7 @@ class Phases:
 
 
 def run_all(plan: Plan, out: Path, progress) -> dict[str, Any]:
+    from benchmarks.api_bench import bench_api_over_direct
     from benchmarks.celery_baseline import CeleryBaseline
     from benchmarks.engine_bench import bench_grouping, bench_mix, bench_short_job_latency, bench_threads, warm_up
     from benchmarks.mixes import build_media, build_mixes, write_media
@@ -207,6 +208,9 @@ def run_all(plan: Plan, out: Path, progress) -> dict[str, Any]:
         e2e_service = max((p[0] for p in e2e_pairs), key=lambda x: x["tokens_per_s"])
         e2e_celery = max((p[1] for p in e2e_pairs), key=lambda x: x["tokens_per_s"])
 
+        phase("api", f"service through the HTTP API against JobClient: {plan.celery_jobs} one_tile jobs at once")
+        api_direct = bench_api_over_direct(service, e2e_mix.requests, plan.service_repeats)
+
         phase("threads_service", f"service: one_tile at torch threads {plan.thread_choices}")
         chosen = torch.get_num_threads()
         for count in plan.thread_choices:
@@ -252,6 +256,7 @@ def run_all(plan: Plan, out: Path, progress) -> dict[str, Any]:
             "ratio": round(e2e_service["tokens_per_s"] / e2e_celery["tokens_per_s"], 3), "jobs": plan.celery_jobs,
             "mix": "one_tile", "service": e2e_service, "celery_task": e2e_celery, "repeats": plan.service_repeats,
         },
+        "api_over_direct": api_direct,
         "idle_latency_overhead_ms": {"max_wait_ms": plan.max_wait_ms, "by_mix": idle,
                                      "p50": idle["one_tile"]["p50"], "p99": idle["one_tile"]["p99"]},
         "padding_waste": grouping,
@@ -292,6 +297,7 @@ def targets(r: dict[str, Any], cap: str, top: str, max_wait_ms: float) -> dict[s
         "short_job_latency_static_p50_over_continuous_p50": check(
             r["short_job_latency"]["static_p50_over_continuous_p50"], 2.0),
         "end_to_end_over_celery_task": check(r["end_to_end_over_celery_task"]["ratio"], 2.0),
+        "api_over_direct": check(r["api_over_direct"]["ratio"], 0.9),
         "batched_over_sequential_one_tile_default_cap": check(r["batched_over_sequential"]["one_tile"][cap], 3.0),
         "service_over_engine_min": check(min(r["service_over_engine"].values()), 0.85),
         "engine_busy_fraction_min": check(min(r["engine_busy_fraction"].values()), 0.9),

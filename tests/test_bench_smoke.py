@@ -15,14 +15,15 @@ import pytest
 
 HEADLINES = ("batched_over_sequential", "continuous_over_sequential", "continuous_over_static", "batching_never_slower",
              "decode_stall_ms", "fixed_lengths", "short_job_latency", "service_over_engine", "engine_busy_fraction",
-             "end_to_end_over_celery_task", "idle_latency_overhead_ms", "padding_waste", "video_sampling_speedup")
+             "end_to_end_over_celery_task", "api_over_direct", "idle_latency_overhead_ms", "padding_waste",
+             "video_sampling_speedup")
 MIXES = {"text", "one_tile", "many_tiles", "video8", "realistic"}
 CAPS = {"1", "8"}
 TARGETS = {
     "continuous_over_sequential_text_largest_cap", "continuous_over_sequential_one_tile_largest_cap",
     "continuous_over_sequential_realistic_largest_cap", "batching_never_slower",
     "continuous_over_static_realistic_default_cap", "short_job_latency_static_p50_over_continuous_p50",
-    "end_to_end_over_celery_task", "batched_over_sequential_one_tile_default_cap", "service_over_engine_min",
+    "end_to_end_over_celery_task", "api_over_direct", "batched_over_sequential_one_tile_default_cap", "service_over_engine_min",
     "engine_busy_fraction_min", "idle_latency_overhead_p50_ms", "padding_waste_cut_by_grouping",
     "video_sampling_speedup"}
 
@@ -46,6 +47,8 @@ def test_quick_bench_prints_one_json_object_with_every_headline(tmp_path: Path) 
     for key in (*HEADLINES, "meta", "jobs_per_s", "tokens_per_s", "torch_threads", "targets", "details"):
         assert key in result, key
     # Per-job lengths (the headline): mix x cap ratios for both engines, one ratio per mix between them.
+    api = result["api_over_direct"]
+    assert api["ratio"] > 0 and api["api"]["redis_commands_per_job"] > 0 and api["direct"]["jobs"] == api["jobs"]
     _by_mix_and_cap(result["batched_over_sequential"])
     _by_mix_and_cap(result["continuous_over_sequential"])
     assert set(result["continuous_over_static"]) == MIXES

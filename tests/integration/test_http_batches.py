@@ -109,3 +109,24 @@ def test_another_tenants_batch_is_not_found(api):
         with pytest.raises(JobNotFound):
             list(globex.batch_results(batch_id))
         assert acme.batch(batch_id)["total"] == 1
+
+
+def test_the_cli_submits_follows_and_fetches_a_batch(api, tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "requests.jsonl"
+    path.write_text("".join(json.dumps(line(i)) + "\n" for i in range(30)))
+    cli = [sys.executable, "-m", "worker.cli", "batch"]
+    auth = ["--api-url", api, "--api-key", ACME]
+    submitted = subprocess.run(cli + ["submit", str(path), "--wait", "--json", *auth], capture_output=True,
+                               text=True, timeout=180)
+    assert submitted.returncode == 0, submitted.stderr
+    first, last = (json.loads(x) for x in submitted.stdout.strip().splitlines())
+    assert first["accepted"] == 30 and last["state"] == "completed" and last["counts"]["succeeded"] == 30
+    assert "job" in submitted.stderr  # the progress bar
+    out = tmp_path / "out.jsonl"
+    fetched = subprocess.run(cli + ["results", first["batch_id"], "-o", str(out), *auth], capture_output=True,
+                             text=True, timeout=60)
+    assert fetched.returncode == 0, fetched.stderr
+    assert [json.loads(x)["custom_id"] for x in out.read_text().splitlines()] == [f"c-{i}" for i in range(30)]
