@@ -66,7 +66,8 @@ def _start_continuous(loaded: Loaded, s: Settings, *, metrics: Metrics, worker_i
 
     # Warm-up runs under the configured budget, or an unbounded one when it is read from memory afterwards.
     engine = ContinuousEngine(loaded, max_batch_size=s.max_batch_size, max_batch_tokens=s.max_batch_tokens or 2**40,
-                              prefill_chunk_tokens=s.prefill_chunk_tokens, vision_chunk_tiles=s.vision_chunk_tiles)
+                              prefill_chunk_tokens=s.prefill_chunk_tokens, vision_chunk_tiles=s.vision_chunk_tiles,
+                              progress_interval_s=s.progress_interval_s)
     if s.warmup:
         engine.warmup(s.max_batch_size)
     engine.max_batch_tokens = kv_budget_tokens(loaded.model, device=loaded.device, setting=s.max_batch_tokens)

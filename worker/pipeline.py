@@ -28,6 +28,7 @@ from worker.held import HeldClaims
 from worker.model_thread import BatchOutcome
 from worker.netguard import guarded_request
 from worker.metrics import Metrics
+from worker.progress import ProgressPublisher
 from worker.settings import Settings
 from worker.media_fetch import MediaFetcher
 from worker.results_store import ObjectStore
@@ -68,6 +69,7 @@ class JobContext:
     media_limits: MediaLimits
     metrics: Metrics
     is_draining: Callable[[], bool]
+    progress: ProgressPublisher | None = None  # None: no live progress (off, or the static engine)
 
 
 def process_job(ctx: JobContext, job_id: str) -> str:
@@ -116,6 +118,8 @@ def _run(ctx: JobContext, claim: Claim, lost: Callable[[], bool]) -> str:
     ctx.metrics.observe_job(preprocess_s=preprocess_s)
     # The engine checks both at every step: a cancelled job stops using the GPU, a late one ends at its deadline.
     prepared.cancelled, prepared.deadline = lost, deadline
+    if ctx.progress is not None:  # the engine hands this job's ids so far to the publisher thread
+        prepared.on_progress = ctx.progress.hook(claim, prepared.sampling.stop)
     future = ctx.queue.submit(prepared, announced=True)
     # A failure of this request alone (model_runtime.types) is raised here and classified like any other.
     # The wait's own timeout only guards against a model thread that stopped stepping.

@@ -3,7 +3,8 @@
 Start (fail fast, like TGI): connect Redis, open the store, load the model,
 warm up at the largest batch, start the one model thread (worker/model_thread.py)
 and build the `JobContext` every job uses (worker/pipeline.py); then start the
-lease renewer, the cancel watcher and the sweeper. Only then is the worker ready.
+lease renewer, the cancel watcher and the sweeper (and, for the continuous engine, the
+progress publisher, worker/progress.py). Only then is the worker ready.
 Drain (SIGTERM): stop taking jobs, let the requests the engine admitted finish
 (within IVQ_DRAIN_TIMEOUT_S), hand the jobs that never reached it back to the queue.
 """
@@ -27,6 +28,7 @@ from worker.held import HeldClaims
 from worker.metrics import Metrics
 from worker.model_thread import ModelThread, start_model_thread
 from worker.pipeline import JobContext
+from worker.progress import ProgressPublisher
 from worker.results_store import open_store
 from worker.settings import Settings
 
@@ -68,6 +70,7 @@ class WorkerRuntime:
         self.health = health or Health(broker_ok_fn=self._broker_ok, pending_fn=self._pending)
         self.load_model = load_model
         self.model_thread: ModelThread | None = None
+        self.progress: ProgressPublisher | None = None
         self.ctx: JobContext | None = None  # None on a callbacks-only worker
         self.server: ObservabilityServer | None = None
         self._stop = threading.Event()
@@ -107,12 +110,14 @@ class WorkerRuntime:
             torch.set_num_threads(cpu_model_threads())
         self.model_thread = start_model_thread(loaded, s, metrics=self.metrics, worker_id=self.worker_id,
                                                on_loop=self.health.batch_heartbeat)
+        if s.progress_interval_s > 0 and s.engine == "continuous":
+            self.progress = ProgressPublisher(self.jobs, loaded.processor.tokenizer).start()
         self.metrics.set_info(model=loaded.model_id, device=loaded.device, dtype=str(loaded.dtype),
                               attention=loaded.attn_implementation, worker_id=self.worker_id)
         return JobContext(settings=s, jobs=self.jobs, held=self.held, dispatch=self.dispatch,
                           media=self.store.fetcher, results=self.store,
                           queue=self.model_thread.queue, loaded=loaded, media_limits=s.media_limits(),
-                          metrics=self.metrics, is_draining=self._draining.is_set)
+                          metrics=self.metrics, is_draining=self._draining.is_set, progress=self.progress)
 
     def begin_drain(self) -> None:
         """SIGTERM: not ready, take no new jobs, hand back those the engine has not admitted."""
@@ -132,6 +137,8 @@ class WorkerRuntime:
         self._stop.set()
         if self.model_thread is not None:
             self.model_thread.stop(self.settings.drain_timeout_s)
+        if self.progress is not None:
+            self.progress.stop()
         for t in self._threads:
             t.join(timeout=5)
         self.redis.close()

@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     prefill_chunk_tokens: int = Field(default=128, ge=16)
     vision_chunk_tiles: int = Field(default=4, ge=1)
     cancel_poll_s: float = Field(default=0.5, gt=0)  # how often a worker looks for cancelled running jobs
+    # Continuous engine: a running job's text so far is written to its record at most this often
+    # (worker/progress.py; JobClient.stream). 0: no progress.
+    progress_interval_s: float = Field(default=0.25, ge=0)
     max_batch_cost: float | None = None  # static engine: None means the size limit only
     max_wait_ms: float = Field(default=20.0, ge=0)  # static engine: how long a batch waits to fill
     concurrency: int | None = None  # task threads; default 2 * max_batch_size
