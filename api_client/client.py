@@ -4,6 +4,9 @@ The job record in Redis is the source of truth; the Celery message sent here
 is only how a worker hears of the job. `wait` and `events` block on the
 job's pub/sub channel (no sleep loop), re-reading the record after
 subscribing so a transition that happened in between is never missed.
+`stream` follows a running job's text the same way: the worker writes the
+settled text so far to the record (worker/progress.py, every
+IVQ_PROGRESS_INTERVAL_S at most) and announces it on that channel.
 """
 
 from __future__ import annotations
@@ -136,7 +139,7 @@ class JobClient:
                 while end is None or time.monotonic() < end:
                     left = 1.0 if end is None else max(0.0, min(1.0, end - time.monotonic()))
                     msg = pubsub.get_message(timeout=left)
-                    if msg is None:
+                    if msg is None or _is_progress(msg):  # a progress snapshot is no event: nothing to read
                         continue
                     # Read from the list, not the message: the list has every event in order.
                     for ev in self.jobs.events(job_id, start=seen):
@@ -144,6 +147,44 @@ class JobClient:
                         yield ev
                         if _is_terminal(ev):
                             return
+            finally:
+                pubsub.close()
+
+    def stream(self, job_id: str, timeout: float | None = None) -> Iterator[str]:
+        """Yield the job's output text as it grows, in pieces: "".join(pieces) == result(job_id).output_text.
+
+        Each progress snapshot of the running job yields the text it adds; success yields the
+        rest of the final text. Failed or cancelled: it just ends (read `status`). Raises
+        WaitTimeout after `timeout` seconds. Only the continuous engine reports progress; without
+        it the whole text comes at the end.
+        """
+        end = None if timeout is None else time.monotonic() + timeout
+        sent = ""
+        with self._broker_errors():
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            pubsub.subscribe(keys.events_channel(job_id))
+            try:
+                while True:  # read the record after subscribing, then again after every message
+                    raw_state, raw_text = self.redis.hmget(keys.job(job_id), "state", "progress_text")
+                    if raw_state is None:
+                        raise JobNotFound(job_id)
+                    state = JobState(_str(raw_state))
+                    if state is JobState.succeeded:
+                        result = self.result(job_id)
+                        if result is not None and len(result.output_text) > len(sent):
+                            yield result.output_text[len(sent):]
+                        return
+                    if state.terminal:
+                        return
+                    if state is JobState.running and raw_text and len(text := _str(raw_text)) > len(sent):
+                        yield text[len(sent):]
+                        sent = text
+                    if end is not None and time.monotonic() >= end:
+                        raise WaitTimeout(f"job {job_id} still {state.value} after {timeout}s")
+                    left = 1.0 if end is None else max(0.0, min(1.0, end - time.monotonic()))
+                    if pubsub.get_message(timeout=left) is not None:
+                        while pubsub.get_message(timeout=0) is not None:
+                            pass  # one read covers every message already here
             finally:
                 pubsub.close()
 
@@ -171,6 +212,17 @@ class JobClient:
             raise BrokerUnavailable(f"Redis unreachable: {exc}") from exc
         except OperationalError as exc:  # kombu could not publish
             raise BrokerUnavailable(f"broker unreachable: {exc}") from exc
+
+
+def _str(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _is_progress(message: dict[str, Any]) -> bool:
+    try:
+        return "progress" in json.loads(message["data"])
+    except (TypeError, ValueError):
+        return False
 
 
 def _is_terminal(event: dict[str, Any]) -> bool:

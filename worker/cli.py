@@ -89,7 +89,14 @@ def cmd_wait(args: argparse.Namespace) -> int:
     from api_client import WaitTimeout
 
     try:
-        return _finish(_client(args).wait(args.job_id, timeout=args.timeout), args.json)
+        client = _client(args)
+        if args.follow:  # the text as it grows (on stderr with --json: stdout stays one object)
+            out = sys.stderr if args.json else sys.stdout
+            for piece in client.stream(args.job_id, timeout=args.timeout):
+                out.write(piece)
+                out.flush()
+            out.write("\n")
+        return _finish(client.wait(args.job_id, timeout=args.timeout), args.json)
     except WaitTimeout as exc:
         print(json.dumps({"job_id": args.job_id, "state": "waiting", "error": {"code": "timeout", "message": str(exc)}})
               if args.json else f"timeout: {exc}")
@@ -264,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = client_verb("wait", cmd_wait, "block until a job ends")
     sp.add_argument("job_id")
     sp.add_argument("--timeout", type=float, default=None)
+    sp.add_argument("--follow", action="store_true", help="print the output text as it grows, then the status")
 
     sp = client_verb("callbacks", cmd_callbacks, "list or replay dead callback deliveries")
     sp.add_argument("action", choices=["dead", "replay"])
