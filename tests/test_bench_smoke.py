@@ -23,7 +23,8 @@ TARGETS = {
     "continuous_over_sequential_text_largest_cap", "continuous_over_sequential_one_tile_largest_cap",
     "continuous_over_sequential_realistic_largest_cap", "batching_never_slower",
     "continuous_over_static_realistic_default_cap", "short_job_latency_static_p50_over_continuous_p50",
-    "end_to_end_over_celery_task", "api_over_direct", "batched_over_sequential_one_tile_default_cap", "service_over_engine_min",
+    "end_to_end_over_celery_task", "api_over_direct", "batched_over_sequential_one_tile_default_cap",
+    "service_over_engine_min",
     "engine_busy_fraction_min", "idle_latency_overhead_p50_ms", "padding_waste_cut_by_grouping",
     "video_sampling_speedup"}
 

@@ -194,7 +194,9 @@ def cmd_api(args: argparse.Namespace) -> int:
     import uvicorn
 
     from worker.http_api import create_api
+    from worker.http_batches import BatchRoutes
     from worker.logs import configure_logging
+    from worker.results_store import open_store
     from worker.settings import Settings
     from worker.tenants import TenantRegistry
 
@@ -204,9 +206,62 @@ def cmd_api(args: argparse.Namespace) -> int:
         sys.exit("error: set IVQ_REDIS_URL (the API has no embedded Redis)")
     if settings.api_keys_file is None:
         sys.exit("error: set IVQ_API_KEYS_FILE (tenants and the hashes of their keys; see `api-key`)")
-    app = create_api(settings.redis_url, TenantRegistry(settings.api_keys_file))
+    store = open_store(settings.resolved_store_url, s3_endpoint_url=settings.s3_endpoint_url,
+                       s3_allowed_buckets=settings.s3_allowed_buckets)  # batch results; it reads no media
+    batches = BatchRoutes(store, max_body_bytes=settings.api_max_batch_bytes,
+                          allowed_buckets=tuple(settings.s3_allowed_buckets))
+    app = create_api(settings.redis_url, TenantRegistry(settings.api_keys_file), batches=batches)
     uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=False, proxy_headers=True)
     return 0
+
+
+def _http_client(args: argparse.Namespace):
+    from api_client import HttpJobClient
+
+    url, key = args.api_url or os.environ.get("IVQ_API_URL"), args.api_key or os.environ.get("IVQ_API_KEY")
+    if not url or not key:
+        sys.exit("error: pass --api-url and --api-key, or set IVQ_API_URL and IVQ_API_KEY")
+    return HttpJobClient(url, key)
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    """batch submit FILE.jsonl [--wait] | batch status ID | batch results ID [-o out.jsonl]."""
+    import time
+
+    with _http_client(args) as client:
+        if args.action == "submit":
+            with open(args.target, "rb") as f:  # streamed to the API
+                accepted = client.submit_batch(f, partial=args.partial)
+            print(json.dumps(accepted) if args.json else f"batch {accepted['batch_id']}: "
+                  f"{accepted['accepted']} jobs accepted, {len(accepted['rejected'])} lines rejected")
+            if not args.wait:
+                return 0
+            batch_id = accepted["batch_id"]
+            from tqdm import tqdm
+
+            started = time.monotonic()
+            with tqdm(total=accepted["accepted"], unit="job", file=sys.stderr) as bar:
+                while (status := client.batch(batch_id))["state"] != "completed":
+                    ended = sum(status["counts"][s] for s in ("succeeded", "failed", "cancelled"))
+                    bar.update(ended - bar.n)
+                    rate = ended / max(1e-9, time.monotonic() - started)
+                    bar.set_postfix(done=status["counts"]["succeeded"], failed=status["counts"]["failed"],
+                                    jobs_s=f"{rate:.1f}")
+                    time.sleep(1.0)
+                bar.update(bar.total - bar.n)
+            print(json.dumps(status) if args.json else f"batch {batch_id} completed: {status['counts']}")
+            return 0
+        if args.action == "status":
+            print(json.dumps(client.batch(args.target)))
+            return 0
+        out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+        try:
+            for row in client.batch_results(args.target):
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+        finally:
+            if out is not sys.stdout:
+                out.close()
+        return 0
 
 
 def cmd_api_key(args: argparse.Namespace) -> int:
@@ -283,6 +338,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--host", default="127.0.0.1")
     sp.add_argument("--port", type=int, default=8000)
     sp.set_defaults(fn=cmd_api)
+    sp = sub.add_parser("batch", help="submit a JSONL batch file through the HTTP API, follow it, get its results")
+    sp.add_argument("action", choices=["submit", "status", "results"])
+    sp.add_argument("target", help="FILE.jsonl (submit) or a batch id")
+    sp.add_argument("--wait", action="store_true", help="submit: show progress until the batch completes")
+    sp.add_argument("--partial", action="store_true", help="submit: accept the good lines of a file with bad ones")
+    sp.add_argument("-o", "--output", help="results: write the JSONL here (default: stdout)")
+    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--api-url", default=None, help="default: $IVQ_API_URL")
+    sp.add_argument("--api-key", default=None, help="default: $IVQ_API_KEY")
+    sp.set_defaults(fn=cmd_batch)
     sp = sub.add_parser("api-key", help="make an API key for a tenant and print its keys-file entry")
     sp.add_argument("tenant")
     sp.set_defaults(fn=cmd_api_key)

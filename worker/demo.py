@@ -110,7 +110,8 @@ def run_demo(jobs: int = 30, data_dir: Path | None = None) -> int:
         ids = client.submit_many([req for _, req, _ in planned])
         statuses = [client.wait(job_id, timeout=600) for job_id in ids]
         elapsed = time.monotonic() - t0
-        return _report(client, planned, ids, statuses, elapsed)
+        code = _report(client, planned, ids, statuses, elapsed)
+        return code or _http_demo(redis_server.url, urls["clip.mp4"])
     finally:
         client.close()
         if worker.poll() is None:
@@ -120,6 +121,47 @@ def run_demo(jobs: int = 30, data_dir: Path | None = None) -> int:
             except subprocess.TimeoutExpired:
                 os.killpg(worker.pid, signal.SIGKILL)
         redis_server.stop()
+
+
+def _http_demo(redis_url: str, clip_url: str) -> int:
+    """One long video job through the HTTP API, beside the direct client: its text as it grows."""
+    import threading
+
+    import uvicorn
+
+    from api_client import HttpJobClient
+    from api_client.quotas import Limits
+    from worker.embedded import free_port
+    from worker.http_api import create_api
+    from worker.tenants import Tenant, TenantRegistry, key_hash, new_key
+
+    key, port = new_key(), free_port()
+    tenants = TenantRegistry.of({"demo": Tenant("demo", Limits(), ((key_hash(key), None),))})
+    server = uvicorn.Server(uvicorn.Config(create_api(redis_url, tenants), host="127.0.0.1", port=port,
+                                           log_config=None, access_log=False))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+    base = f"http://127.0.0.1:{port}"
+    print(f"\ndemo: the HTTP API at {base} (tenant 'demo', key {key[:8]}...): one long video job")
+    try:
+        with HttpJobClient(base, key) as http:
+            job_id = http.submit(JobRequest.simple("What happens in this clip?", videos=[clip_url],
+                                                   generation={"max_new_tokens": 160, "min_new_tokens": 160}))
+            text, shown = "", 0.0
+            for piece in http.stream(job_id, timeout=600):
+                text += piece
+                if time.monotonic() - shown > 0.5:
+                    progress = http.status(job_id).progress
+                    tokens = progress.completion_tokens if progress else "-"
+                    print(f"demo: http job {job_id[:8]} running: {tokens} tokens, {len(text)} characters so far")
+                    shown = time.monotonic()
+            status, result = http.status(job_id), http.result(job_id)
+            same = result is not None and result.output_text == text
+            print(f"demo: http job {job_id[:8]} {status.state.value}; streamed text equals the result: {same}")
+            return 0 if same else 1
+    finally:
+        server.should_exit = True
 
 
 def _report(client: JobClient, planned: list, ids: list[str], statuses: list, elapsed: float) -> int:

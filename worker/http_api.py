@@ -21,8 +21,10 @@ from typing import Annotated, Any
 
 import redis
 from fastapi import FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from api_client.client import JobClient
@@ -41,9 +43,9 @@ from worker.http_events import event_stream
 from worker.tenants import Tenant, TenantRegistry
 
 STATUS_OF: dict[ErrorCode, int] = {
-    ErrorCode.invalid_request: 422, ErrorCode.unauthorized: 401, ErrorCode.not_found: 404,
-    ErrorCode.conflict: 409, ErrorCode.rate_limited: 429, ErrorCode.quota_exceeded: 429,
-    ErrorCode.broker_unavailable: 503,
+    ErrorCode.invalid_request: 422, ErrorCode.forbidden_url: 422, ErrorCode.media_not_found: 422,
+    ErrorCode.unauthorized: 401, ErrorCode.not_found: 404, ErrorCode.conflict: 409, ErrorCode.rate_limited: 429,
+    ErrorCode.quota_exceeded: 429, ErrorCode.broker_unavailable: 503, ErrorCode.storage_unavailable: 503,
 }
 ERRORS_DOC = "\n".join(f"- `{code.value}`: HTTP {status}" for code, status in STATUS_OF.items()) + (
     "\n- a body that is not JSON: HTTP 400 `invalid_request`; a body over the limit: HTTP 413 `invalid_request`")
@@ -106,6 +108,18 @@ def create_api(redis_url: str, tenants: TenantRegistry, *, batches: BatchRoutes 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
         return error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # The router's own refusals (no such route, wrong method) in the one error shape.
+        code = ErrorCode.not_found if exc.status_code == 404 else ErrorCode.invalid_request
+        return JSONResponse({"error": {"code": code.value, "message": str(exc.detail)}}, exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_parameters(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid"}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return error_response(RequestRejected(f"{where}: {first.get('msg')}"))
 
     @app.exception_handler(redis.RedisError)
     async def _redis_down(request: Request, exc: redis.RedisError) -> JSONResponse:

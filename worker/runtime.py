@@ -24,6 +24,9 @@ from api_client import keys
 from api_client.dispatch import Dispatcher
 from api_client.jobstate import JobStore
 from worker.health import Health, ObservabilityServer
+from api_client.schema import CallbackSpec
+from worker.batches import Batches
+from worker.callbacks import build_delivery
 from worker.held import HeldClaims
 from worker.metrics import Metrics
 from worker.model_thread import ModelThread, start_model_thread
@@ -63,6 +66,7 @@ class WorkerRuntime:
         self.jobs = JobStore(self.redis, worker_id=self.worker_id, lease_s=settings.lease_s,
                              max_crashes=settings.max_crashes)
         self.held = HeldClaims(self.jobs)
+        self.batches = Batches(self.redis)
         self.store = open_store(
             settings.resolved_store_url, s3_endpoint_url=settings.s3_endpoint_url,
             allowed_file_root=settings.resolved_file_root, s3_allowed_buckets=settings.s3_allowed_buckets,
@@ -159,6 +163,11 @@ class WorkerRuntime:
     def _sweep_and_beat(self) -> None:
         self.heartbeat()
         self.sweep_once()
+        self.batches.finish_ready(self.store, self._announce_batch)
+
+    def _announce_batch(self, batch_id: str, callback: CallbackSpec, status: dict) -> None:
+        """A batch's one completion callback (delivered like a job's, with a fixed webhook id)."""
+        self.dispatch.deliver(build_delivery(batch_id, "completed", status, callback, kind="batch"))
 
     def sweep_once(self) -> None:
         """Repair what dead workers and lost messages left: every worker runs this."""

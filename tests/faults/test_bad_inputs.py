@@ -156,6 +156,7 @@ def test_bad_input_corpus(svc):
 
     rows += queue_cases(svc, good_url)
     rows += callback_cases(svc)
+    rows += api_cases(svc)
 
     width = max(len(r[0]) for r in rows)
     print(f"\n{'case':<{width}}  where     expected          got")
@@ -164,7 +165,8 @@ def test_bad_input_corpus(svc):
     assert [r for r in rows if r[2] != r[3]] == []
     record(f"bad inputs: {len(rows)} cases ({sum(r[1] == 'submit' for r in rows)} at submit, "
            f"{sum(r[1] == 'worker' for r in rows)} in the worker, {sum(r[1] == 'queue' for r in rows)} raw "
-           f"queue messages, {sum(r[1] == 'callback' for r in rows)} callback URLs), all with the expected "
+           f"queue messages, {sum(r[1] == 'callback' for r in rows)} callback URLs, "
+           f"{sum(r[1] == 'api' for r in rows)} to the HTTP API), all with the expected "
            f"outcome; {len(neighbours)} interleaved good jobs succeeded")
 
 
@@ -248,3 +250,62 @@ def test_cancel_a_running_job_discards_its_result(svc):
     assert [e["state"] for e in client.jobs.events(job_id)] == ["queued", "running", "cancelled"]
     listed = s3.list_objects_v2(Bucket=RESULTS, Prefix=f"ivq/results/internal/{job_id}").get("KeyCount", 0)
     assert listed == 0, "a cancelled job's result was written to the store"
+
+
+def api_cases(svc) -> list[tuple[str, str, str, str]]:
+    """Bad calls to the HTTP API: each answers its status and stable code, and records nothing."""
+    import httpx
+
+    from api_client.quotas import Limits
+    from tests.harness import serving
+    from worker.http_api import create_api
+    from worker.http_batches import BatchRoutes
+    from worker.results_store import open_store
+    from worker.tenants import Tenant, TenantRegistry, key_hash, new_key
+
+    mine, theirs = new_key(), new_key()
+    tenants = TenantRegistry.of({name: Tenant(name, Limits(), ((key_hash(key), None),))
+                                 for name, key in (("mine", mine), ("theirs", theirs))})
+    client = svc["client"]
+    other_job = client.submit(JobRequest.simple("theirs"), tenant="theirs")
+    ok = C.user(C.text("hi"))
+    cases: dict[str, tuple[str, str, dict]] = {
+        "no Authorization header": ("POST", "/v1/jobs", {"json": ok, "key": None}),
+        "forged key": ("POST", "/v1/jobs", {"json": ok, "key": "ivq_" + "x" * 43}),
+        "Basic instead of Bearer": ("POST", "/v1/jobs", {"json": ok, "auth": "Basic bWU6cGFzcw=="}),
+        "body not JSON": ("POST", "/v1/jobs", {"content": b"{nope"}),
+        "body a JSON array": ("POST", "/v1/jobs", {"json": [ok]}),
+        "body over the limit": ("POST", "/v1/jobs", {"content": b"{" + b" " * (MAX_REQUEST_BYTES + 10) + b"}"}),
+        "unknown field": ("POST", "/v1/jobs", {"json": {**ok, "surprise": 1}}),
+        "Idempotency-Key with spaces": ("POST", "/v1/jobs", {"json": ok, "headers": {"Idempotency-Key": "a b"}}),
+        "another tenant's job": ("GET", f"/v1/jobs/{other_job}", {}),
+        "another tenant's job, cancel": ("POST", f"/v1/jobs/{other_job}/cancel", {}),
+        "a job id with ../": ("GET", "/v1/jobs/..%2F..%2Fetc", {}),
+        "batch: empty file": ("POST", "/v1/batches", {"content": b"\n\n", "type": "application/jsonl"}),
+        "batch: one line not JSON": ("POST", "/v1/batches", {"content": b"{\n", "type": "application/jsonl"}),
+        "batch: input_url file:///etc/passwd": ("POST", "/v1/batches", {"json": {"input_url": "file:///etc/passwd"}}),
+    }
+    expected = {"no Authorization header": "401 unauthorized", "forged key": "401 unauthorized",
+                "Basic instead of Bearer": "401 unauthorized", "body not JSON": "400 invalid_request",
+                "body a JSON array": "400 invalid_request", "body over the limit": "413 invalid_request",
+                "unknown field": "422 invalid_request", "Idempotency-Key with spaces": "422 invalid_request",
+                "another tenant's job": "404 not_found", "another tenant's job, cancel": "404 not_found",
+                "a job id with ../": "404 not_found", "batch: empty file": "422 invalid_request",
+                "batch: one line not JSON": "422 invalid_request",
+                "batch: input_url file:///etc/passwd": "422 forbidden_url"}
+    before = len(list(client.redis.scan_iter(keys.job_pattern())))
+    routes = BatchRoutes(open_store(f"file://{svc['base'] / 'api-store'}"), max_body_bytes=1024 * 1024)
+    rows = []
+    with serving(create_api(client.redis_url, tenants, batches=routes)) as base, httpx.Client(base_url=base) as http:
+        for name, (method, path, kw) in cases.items():
+            key = kw.get("key", mine)
+            headers = {**kw.get("headers", {}), **({"Authorization": kw.get("auth") or f"Bearer {key}"}
+                                                   if key or kw.get("auth") else {})}
+            if "content" in kw:
+                headers["Content-Type"] = kw.get("type", "application/json")
+            response = http.request(method, path, headers=headers, json=kw.get("json"), content=kw.get("content"))
+            got = f"{response.status_code} {response.json().get('error', {}).get('code')}"
+            rows.append((name, "api", expected[name], got))
+    assert len(list(client.redis.scan_iter(keys.job_pattern()))) == before, "a refused call left a record"
+    assert client.status(other_job).state.value in ("queued", "running", "succeeded")  # untouched
+    return rows
