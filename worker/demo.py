@@ -147,14 +147,14 @@ def _http_demo(redis_url: str, clip_url: str) -> int:
     try:
         with HttpJobClient(base, key) as http:
             job_id = http.submit(JobRequest.simple("What happens in this clip?", videos=[clip_url],
-                                                   generation={"max_new_tokens": 160, "min_new_tokens": 160}))
+                                                   generation={"max_new_tokens": 1500, "min_new_tokens": 1500}))
             text, shown = "", 0.0
             for piece in http.stream(job_id, timeout=600):
                 text += piece
-                if time.monotonic() - shown > 0.5:
-                    progress = http.status(job_id).progress
-                    tokens = progress.completion_tokens if progress else "-"
-                    print(f"demo: http job {job_id[:8]} running: {tokens} tokens, {len(text)} characters so far")
+                progress = http.status(job_id).progress if time.monotonic() - shown > 0.5 else None
+                if progress is not None:
+                    print(f"demo: http job {job_id[:8]} running: {progress.completion_tokens} tokens, "
+                          f"{len(text)} characters streamed so far")
                     shown = time.monotonic()
             status, result = http.status(job_id), http.result(job_id)
             same = result is not None and result.output_text == text
