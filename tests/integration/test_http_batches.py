@@ -130,3 +130,21 @@ def test_the_cli_submits_follows_and_fetches_a_batch(api, tmp_path):
                              text=True, timeout=60)
     assert fetched.returncode == 0, fetched.stderr
     assert [json.loads(x)["custom_id"] for x in out.read_text().splitlines()] == [f"c-{i}" for i in range(30)]
+
+
+def test_results_before_the_batch_completes_are_a_conflict(api, redis_url, redis_client):
+    from api_client import JobClient
+
+    long = {"custom_id": "long", "request": JobRequest.simple(
+        "go on", generation={"max_new_tokens": 4000, "min_new_tokens": 4000}).model_dump(mode="json")}
+    with HttpJobClient(api, ACME) as client, JobClient(redis_url) as direct:
+        batch_id = client.submit_batch([long])["batch_id"]
+        with httpx.Client(base_url=api, headers={"Authorization": f"Bearer {ACME}"}) as http:
+            early = http.get(f"/v1/batches/{batch_id}/results")
+        assert (early.status_code, early.json()["error"]["code"]) == (409, "conflict")
+        [row] = redis_client.lrange(keys.BatchKeys.of(batch_id).jobs, 0, -1)
+        direct.cancel(row.decode().split("\t")[1])  # the batch ends with its one job cancelled
+        status = _wait_completed(client, batch_id, timeout=60)
+        [result] = client.batch_results(batch_id)
+    assert status["counts"]["cancelled"] == 1
+    assert (result["state"], result["error"]["code"], result["output"]) == ("cancelled", "cancelled", None)
