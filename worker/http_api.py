@@ -20,10 +20,12 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import redis
+import redis.asyncio as aioredis
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
@@ -99,6 +101,7 @@ class ApiMetrics:
 def create_api(redis_url: str, tenants: TenantRegistry, *, batches: BatchRoutes | None = None) -> FastAPI:
     """The ASGI app. `batches` (worker/http_batches.py, it needs the object store) adds /v1/batches."""
     client = JobClient(redis_url)
+    aio = aioredis.Redis.from_url(redis_url, socket_connect_timeout=5)  # the event streams' pool
     metrics = ApiMetrics()
     app = FastAPI(title="internvl-queue", version="1",
                   description="Queued InternVL jobs over images and videos in object storage.\n\n"
@@ -156,8 +159,12 @@ def create_api(redis_url: str, tenants: TenantRegistry, *, batches: BatchRoutes 
             raise MalformedBody("the body must be a JSON object (a JobRequest)")
         if idempotency_key is not None:
             data["idempotency_key"] = idempotency_key
-        job_id = client.submit(data, tenant=tenant.name, limits=tenant.limits)
-        status = client.status(job_id)
+
+        def record() -> tuple[str, JobStatus]:  # Redis calls block: off the event loop
+            job_id = client.submit(data, tenant=tenant.name, limits=tenant.limits)
+            return job_id, client.status(job_id)
+
+        job_id, status = await run_in_threadpool(record)
         return JSONResponse({"job_id": job_id, "status": status.model_dump(mode="json")}, 202)
 
     @app.get("/v1/jobs/{job_id}", response_model=JobStatus, summary="A job's status (and progress while it runs)")
@@ -187,8 +194,8 @@ def create_api(redis_url: str, tenants: TenantRegistry, *, batches: BatchRoutes 
     @app.get("/v1/jobs/{job_id}/events", summary="Server-Sent Events: state changes and text deltas")
     async def events(job_id: str, authorization: Auth = None,
                      last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None) -> StreamingResponse:
-        owned(job_id, tenant_of(authorization))
-        stream: AsyncIterator[str] = event_stream(redis_url, job_id, last_event_id)
+        await run_in_threadpool(owned, job_id, tenant_of(authorization))
+        stream: AsyncIterator[str] = event_stream(aio, job_id, last_event_id)
         return StreamingResponse(stream, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -211,4 +218,5 @@ def create_api(redis_url: str, tenants: TenantRegistry, *, batches: BatchRoutes 
     if batches is not None:
         batches.mount(app, client, tenant_of, read_capped)
     app.router.on_shutdown.append(client.close)
+    app.router.on_shutdown.append(aio.aclose)
     return app

@@ -39,9 +39,8 @@ def _frame(event: str, data: dict, states: int, chars: int) -> str:
     return f"id: {states}:{chars}\nevent: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
-async def event_stream(redis_url: str, job_id: str, last_event_id: str | None) -> AsyncIterator[str]:
+async def event_stream(r: aioredis.Redis, job_id: str, last_event_id: str | None) -> AsyncIterator[str]:
     states, chars = parse_last_event_id(last_event_id)
-    r = aioredis.Redis.from_url(redis_url, socket_connect_timeout=5)
     record, events_key = keys.job(job_id), keys.events(job_id)
     pubsub = r.pubsub(ignore_subscribe_messages=True)
     try:
@@ -69,4 +68,3 @@ async def event_stream(redis_url: str, job_id: str, last_event_id: str | None) -
                 yield ": keepalive\n\n"
     finally:
         await pubsub.aclose()
-        await r.aclose()
