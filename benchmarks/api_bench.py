@@ -1,44 +1,58 @@
 """Jobs/s end to end through the HTTP API against the direct JobClient: same jobs, same worker.
 
 Both submit every job of a mix at once and wait for all (the API's client waits
-on each job's Server-Sent Events). The API runs in this process on a real
-uvicorn, on loopback. Also counted: the Redis commands per job, from the
-server's INFO commandstats, so the cost of progress snapshots shows.
+on each job's Server-Sent Events). The API is `internvl-queue api` in its own
+process, as deployed (in this process it would share the worker's GIL), on
+loopback. Also counted: the Redis commands per job, from the server's INFO
+commandstats, so the cost of the API and of progress snapshots shows.
 """
 
 from __future__ import annotations
 
-import threading
+import json
+import os
+import subprocess
+import sys
 import time
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 
 @contextmanager
-def serving_api(redis_url: str) -> Iterator[tuple[str, str]]:
-    """(base URL, API key) of an in-process API with one tenant whose limits do not bind."""
-    import uvicorn
+def serving_api(redis_url: str, out_dir: Path) -> Iterator[tuple[str, str]]:
+    """(base URL, API key) of an `internvl-queue api` process with one tenant whose limits do not bind."""
+    import httpx
 
-    from api_client.quotas import Limits
     from worker.embedded import free_port
-    from worker.http_api import create_api
-    from worker.tenants import Tenant, TenantRegistry, key_hash, new_key
+    from worker.tenants import key_hash, new_key
 
     key, port = new_key(), free_port()
-    limits = Limits(max_active=1_000_000, rate_per_s=1e6, burst=1_000_000)
-    tenants = TenantRegistry.of({"bench": Tenant("bench", limits, ((key_hash(key), None),))})
-    server = uvicorn.Server(uvicorn.Config(create_api(redis_url, tenants), host="127.0.0.1", port=port,
-                                           log_config=None, access_log=False))
-    thread = threading.Thread(target=server.run, name="bench-api", daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
+    keys_file = out_dir / "api-keys.json"
+    keys_file.parent.mkdir(parents=True, exist_ok=True)
+    keys_file.write_text(json.dumps({"tenants": {"bench": {
+        "keys": [{"sha256": key_hash(key)}], "max_active": 1_000_000, "rate_per_s": 1e6, "burst": 1_000_000}}}))
+    env = {**os.environ, "IVQ_REDIS_URL": redis_url, "IVQ_API_KEYS_FILE": str(keys_file),
+           "IVQ_STORE_URL": f"file://{out_dir / 'api-store'}", "IVQ_LOG_LEVEL": "WARNING"}
+    proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "api", "--port", str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
     try:
-        yield f"http://127.0.0.1:{port}", key
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(base + "/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the API did not start (exit {proc.poll()})")
+            time.sleep(0.1)
+        yield base, key
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def _commands(redis: Any) -> int:
@@ -62,7 +76,8 @@ def bench_api_over_direct(service: Any, requests: list, repeats: int = 1) -> dic
     from api_client import HttpJobClient
 
     redis = service.client.redis
-    with serving_api(service.redis.url) as (base, key), HttpJobClient(base, key) as http:
+    with serving_api(service.redis.url, service.config.out_dir / "api") as (base, key), \
+            HttpJobClient(base, key) as http:
         _run(http, requests[:2], redis)  # the API's first requests off the clock
         pairs = [(_run(http, requests, redis), _run(service.client, requests, redis)) for _ in range(repeats)]
     api = max((p[0] for p in pairs), key=lambda r: r["jobs_per_s"])
