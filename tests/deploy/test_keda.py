@@ -173,19 +173,27 @@ def test_trigger_authentication_reads_the_password_from_a_secret(rendered):
         for ref in refs:
             check_fields(ref, SECRET_TARGET_REF, "secretTargetRef")
             assert ref["parameter"] in REDIS_AUTH_PARAMETERS
-        assert "password" in {r["parameter"] for r in refs}
+        # Its own Redis user (ivq-keda): with the default user off, a password alone is refused.
+        assert {"username", "password"} <= {r["parameter"] for r in refs}
+        assert {r["name"] for r in refs} == {"internvl-queue-redis"}
 
 
-def test_pod_monitor_scrapes_both_deployments(rendered):
+def test_pod_monitor_scrapes_every_deployment(rendered):
     for _, docs in rendered.values():
         pm = only(docs, "PodMonitor")
         assert pm["apiVersion"] == "monitoring.coreos.com/v1"
         check_fields(pm["spec"], POD_MONITOR_SPEC, "PodMonitor")
         for ep in pm["spec"]["podMetricsEndpoints"]:
             check_fields(ep, POD_METRICS_ENDPOINT, "podMetricsEndpoint")
+            assert ep["path"] == "/metrics"
         selector = pm["spec"]["selector"]["matchLabels"]
+        endpoint_ports = {ep["port"] for ep in pm["spec"]["podMetricsEndpoints"]}
+        exposed = set()
         for dep in (d for d in docs if d["kind"] == "Deployment"):
             template = dep["spec"]["template"]
             assert selector.items() <= template["metadata"]["labels"].items(), dep["metadata"]["name"]
             port_names = {p["name"] for c in template["spec"]["containers"] for p in c["ports"]}
-            assert {ep["port"] for ep in pm["spec"]["podMetricsEndpoints"]} <= port_names
+            # Workers serve /metrics on "metrics", the API on "http"; each pod on one of them.
+            assert port_names & endpoint_ports, dep["metadata"]["name"]
+            exposed |= port_names & endpoint_ports
+        assert exposed == endpoint_ports, "an endpoint no Deployment serves"
