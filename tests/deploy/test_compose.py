@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from pathlib import Path
 
@@ -9,7 +11,7 @@ import pytest
 import yaml
 
 DOCKER = Path(__file__).resolve().parents[2] / "docker"
-CREDENTIAL = re.compile(r"PASSWORD|SECRET|ACCESS_KEY|TOKEN|REDIS_URL", re.I)
+CREDENTIAL = re.compile(r"PASSWORD|SECRET|ACCESS_KEY|TOKEN|REDIS_URL|API_KEY\b", re.I)
 # A credential may only be a ${VAR} reference whose fallback says it is a dev default.
 DEV_DEFAULT = re.compile(r"\$\{[A-Z_]+:-(dev-only[\w-]*|\{\})\}")
 
@@ -26,7 +28,7 @@ def _env(service: dict) -> dict[str, str]:
 
 def test_every_service_has_an_image_or_a_build(compose):
     services = compose["services"]
-    assert {"redis", "minio", "minio-init", "worker", "callbacks", "producer"} <= set(services)
+    assert {"redis", "minio", "minio-init", "api", "worker", "callbacks", "producer"} <= set(services)
     for name, svc in services.items():
         assert "image" in svc or "build" in svc, name
         if "build" in svc:
@@ -67,10 +69,43 @@ def test_production_like_pieces(compose):
     assert device["capabilities"] == ["gpu"] and device["count"] == 1
     assert _env(s["worker"])["IVQ_QUEUES"] == "infer"
     assert _env(s["callbacks"])["IVQ_QUEUES"] == "callbacks"
-    assert "internvl-queue submit" in s["producer"]["command"][0]
-    for name in ("worker", "callbacks"):
+    for name in ("worker", "callbacks", "api"):
         assert s[name]["read_only"] is True and s[name]["cap_drop"] == ["ALL"]
     assert (DOCKER / "samples" / "sample.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_api_service_serves_port_8000_from_the_client_image(compose):
+    s = compose["services"]
+    api = s["api"]
+    assert api["image"] == s["callbacks"]["image"] != s["worker"]["image"], "CPU only: the client image"
+    assert "build" not in api  # built once, by the callbacks service
+    assert api["command"] == ["api", "--host", "0.0.0.0", "--port", "8000"]
+    assert any(str(p).endswith(":8000:8000") or str(p) == "8000:8000" for p in api["ports"])
+    assert api["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert "8000/readyz" in " ".join(api["healthcheck"]["test"])
+    env = _env(api)
+    assert env["IVQ_REDIS_URL"] and env["IVQ_STORE_URL"]
+    (config,) = api["configs"]
+    assert config["target"] == env["IVQ_API_KEYS_FILE"]
+    content = compose["configs"][config["source"]]["content"]
+    dev_key = re.fullmatch(r"\$\{IVQ_API_KEY:-([\w-]+)\}", _env(s["producer"])["IVQ_API_KEY"]).group(1)
+    keys = json.loads(re.sub(r"\$\{[A-Z0-9_]+:-([0-9a-f]{64})\}", r"\1", content))
+    (tenant,) = keys["tenants"].values()
+    assert tenant["keys"] == [{"sha256": hashlib.sha256(dev_key.encode()).hexdigest()}], "the dev key's hash"
+
+
+def test_producers_talk_to_the_api_and_only_the_api_and_workers_reach_redis(compose):
+    s = compose["services"]
+    reach_redis = {name for name, svc in s.items() if "IVQ_REDIS_URL" in _env(svc)}
+    assert reach_redis == {"api", "worker", "callbacks"}
+    assert "ports" not in s["redis"]
+    producer = s["producer"]
+    assert _env(producer)["IVQ_API_URL"] == "http://api:8000"
+    assert producer["depends_on"]["api"]["condition"] == "service_healthy"
+    assert producer["entrypoint"] == ["python", "-c"]
+    (script,) = producer["command"]
+    compile(script, "producer", "exec")
+    assert "HttpJobClient" in script and "internvl-queue submit" not in script
 
 
 def _instructions(dockerfile: str) -> list[tuple[str, str]]:
