@@ -9,6 +9,7 @@ commandstats, so the cost of the API and of progress snapshots shows.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -82,8 +83,25 @@ def bench_api_over_direct(service: Any, requests: list, repeats: int = 1) -> dic
         pairs = [(_run(http, requests, redis), _run(service.client, requests, redis)) for _ in range(repeats)]
     api = max((p[0] for p in pairs), key=lambda r: r["jobs_per_s"])
     direct = max((p[1] for p in pairs), key=lambda r: r["jobs_per_s"])
-    progress = getattr(service.runtime, "progress", None)
     return {"ratio": round(api["jobs_per_s"] / direct["jobs_per_s"], 3), "api": api, "direct": direct,
-            "jobs": len(requests), "repeats": repeats,
-            "progress_interval_s": service.settings.model_dump().get("progress_interval_s"),
-            "progress_enabled": progress is not None}
+            "jobs": len(requests), "repeats": repeats, "progress": _progress_cost(service, requests, redis)}
+
+
+def _progress_cost(service: Any, requests: list, redis: Any) -> dict[str, Any]:
+    """Redis commands per job with live progress on and off (the same jobs through JobClient)."""
+    runtime = service.runtime
+    publisher = runtime.ctx.progress
+    if publisher is None:
+        return {"enabled": False}
+    published = publisher.published
+    on = _run(service.client, requests, redis)
+    snapshots = (publisher.published - published) / len(requests)
+    runtime.ctx = dataclasses.replace(runtime.ctx, progress=None)  # the same worker without the hook
+    try:
+        off = _run(service.client, requests, redis)
+    finally:
+        runtime.ctx = dataclasses.replace(runtime.ctx, progress=publisher)
+    return {"enabled": True, "interval_s": service.settings.progress_interval_s,
+            "snapshots_per_job": round(snapshots, 2), "commands_per_job_on": on["redis_commands_per_job"],
+            "commands_per_job_off": off["redis_commands_per_job"],
+            "commands_added_per_job": round(on["redis_commands_per_job"] - off["redis_commands_per_job"], 1)}

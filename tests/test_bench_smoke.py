@@ -50,6 +50,7 @@ def test_quick_bench_prints_one_json_object_with_every_headline(tmp_path: Path) 
     # Per-job lengths (the headline): mix x cap ratios for both engines, one ratio per mix between them.
     api = result["api_over_direct"]
     assert api["ratio"] > 0 and api["api"]["redis_commands_per_job"] > 0 and api["direct"]["jobs"] == api["jobs"]
+    assert api["progress"]["enabled"] and api["progress"]["commands_per_job_off"] > 0
     _by_mix_and_cap(result["batched_over_sequential"])
     _by_mix_and_cap(result["continuous_over_sequential"])
     assert set(result["continuous_over_static"]) == MIXES
