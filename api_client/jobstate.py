@@ -76,7 +76,8 @@ class Transition:
 T = TypeVar("T")
 
 
-def _text(v: Any) -> str:
+def as_text(v: Any) -> str:
+    """A Redis reply value as text ('' for none): replies are bytes unless the client decodes them."""
     return v.decode() if isinstance(v, bytes) else ("" if v is None else str(v))
 
 
@@ -115,7 +116,7 @@ class JobStore:
 
         Idempotency keys are per tenant: another tenant's same key is another job."""
         created, jid = self._create(job_id, request_json, now, priority, deadline, idempotency_key, tenant, batch_id)
-        return Transition(job_id=_text(jid), done=bool(created), state="queued")
+        return Transition(job_id=as_text(jid), done=bool(created), state="queued")
 
     def create_many(self, jobs: list[tuple[str, str]], *, now: float, priority: int, tenant: str,
                     batch_id: str) -> list[Transition]:
@@ -123,7 +124,7 @@ class JobStore:
         pipe = self.redis.pipeline(transaction=False)
         for job_id, request_json in jobs:
             self._create(job_id, request_json, now, priority, None, None, tenant, batch_id, pipe=pipe)
-        return [Transition(job_id=_text(jid), done=bool(created), state="queued")
+        return [Transition(job_id=as_text(jid), done=bool(created), state="queued")
                 for created, jid in pipe.execute()]
 
     def _create(self, job_id: str, request_json: str, now: float, priority: int, deadline: float | None,
@@ -137,7 +138,7 @@ class JobStore:
 
     def cancel(self, job_id: str, *, now: float | None = None) -> Transition:
         done, state, owed = self.run("cancel", job_id, repr(now or time.time()))
-        return Transition(job_id, bool(done), _text(state), _text(owed) or None)
+        return Transition(job_id, bool(done), as_text(state), as_text(owed) or None)
 
     # ---- the worker's transitions ------------------------------------------
     def claim(self, job_id: str) -> Transition:
@@ -146,14 +147,14 @@ class JobStore:
         # claim succeeded and strand the job as `running` until its lease expires.
         outcome, attempt, owed, *rec = self.run("claim", job_id, self.worker_id, token, repr(now),
                                                 repr(now + self.lease_s), self.max_crashes)
-        outcome = _text(outcome)
+        outcome = as_text(outcome)
         if outcome != "claimed":
             state = "failed" if outcome in ("expired", "poison") else ""
-            return Transition(job_id, False, state, _text(owed) or None, outcome=outcome)
-        claim = Claim(job_id=job_id, token=token, attempt=int(attempt), request_json=_text(rec[0]),
-                      queued_at=float(_text(rec[1]) or now), priority=int(_text(rec[2]) or 0),
-                      tenant=_text(rec[3]) or keys.INTERNAL_TENANT)
-        return Transition(job_id, True, "running", _text(owed) or None, claim=claim, outcome=outcome)
+            return Transition(job_id, False, state, as_text(owed) or None, outcome=outcome)
+        claim = Claim(job_id=job_id, token=token, attempt=int(attempt), request_json=as_text(rec[0]),
+                      queued_at=float(as_text(rec[1]) or now), priority=int(as_text(rec[2]) or 0),
+                      tenant=as_text(rec[3]) or keys.INTERNAL_TENANT)
+        return Transition(job_id, True, "running", as_text(owed) or None, claim=claim, outcome=outcome)
 
     def renew(self, claim: Claim) -> bool:
         """Extend the lease; False means the claim is lost (cancelled or taken over)."""
@@ -175,7 +176,7 @@ class JobStore:
             pipe.hmget(keys.job(claim.job_id), "state", "claim")
         replies = pipe.execute() if claims else []
         return [claim.job_id for claim, (state, token) in zip(claims, replies, strict=True)
-                if _text(state) != "running" or _text(token) != claim.token]
+                if as_text(state) != "running" or as_text(token) != claim.token]
 
     def succeed(self, claim: Claim, fields: dict[str, str]) -> Transition:
         return self._end(claim, "succeeded", repr(time.time()), json.dumps(fields))
@@ -187,12 +188,12 @@ class JobStore:
         script = "succeed" if state == "succeeded" else "fail"
         (done, now_state, owed), retried = self._through_outage(
             lambda: self.run(script, claim.job_id, claim.token, *args))
-        if not done and retried and _text(now_state) == state:
+        if not done and retried and as_text(now_state) == state:
             # The reply to an earlier try was lost: the transition may be ours already.
-            if _text(self.redis.hget(keys.job(claim.job_id), "worker_id")) == self.worker_id:
+            if as_text(self.redis.hget(keys.job(claim.job_id), "worker_id")) == self.worker_id:
                 owes = self.redis.zscore(keys.JobKeys.of(claim.job_id).shard.notify, f"{claim.job_id}|{state}")
                 return Transition(claim.job_id, True, state, state if owes is not None else None)
-        return Transition(claim.job_id, bool(done), _text(now_state), _text(owed) or None)
+        return Transition(claim.job_id, bool(done), as_text(now_state), as_text(owed) or None)
 
     def requeue(self, claim: Claim, reason_code: str, *, count_attempt: bool) -> bool:
         """Give the job back to the queue (retry, or a drain that never started it)."""
@@ -225,20 +226,20 @@ class JobStore:
             pipe.zrangebyscore(shard.queued, "-inf", now - resend_after_s, start=0, num=limit)
             pipe.zrangebyscore(shard.deadlines, "-inf", now, start=0, num=limit)
         replies = pipe.execute()  # per shard: late leases, stale queued, passed deadlines
-        late = {_text(j) for i, ids in enumerate(replies) if i % 3 != 2 for j in ids}
-        expired, changed = {_text(j) for i, ids in enumerate(replies) if i % 3 == 2 for j in ids}, []
+        late = {as_text(j) for i, ids in enumerate(replies) if i % 3 != 2 for j in ids}
+        expired, changed = {as_text(j) for i, ids in enumerate(replies) if i % 3 == 2 for j in ids}, []
         for job_id in sorted(expired):
             done, state, owed = self.run("expire", job_id, repr(now))
             if done:
-                changed.append(Transition(job_id, True, _text(state), _text(owed) or None, outcome="expired"))
+                changed.append(Transition(job_id, True, as_text(state), as_text(owed) or None, outcome="expired"))
         for job_id in sorted(late - {t.job_id for t in changed}):
             outcome, owed, priority = self.run("sweep", job_id, repr(now), self.max_crashes,
                                                repr(now - resend_after_s))
-            outcome = _text(outcome)
+            outcome = as_text(outcome)
             if outcome in ("requeued", "poisoned", "resend"):
                 state = "failed" if outcome == "poisoned" else "queued"
-                changed.append(Transition(job_id, outcome != "resend", state, _text(owed) or None,
-                                          outcome=outcome, priority=int(_text(priority) or 0)))
+                changed.append(Transition(job_id, outcome != "resend", state, as_text(owed) or None,
+                                          outcome=outcome, priority=int(as_text(priority) or 0)))
         return changed
 
     def owed_callbacks(self, *, older_than_s: float, limit: int = 200) -> list[tuple[str, str]]:
@@ -251,7 +252,7 @@ class JobStore:
             pipe.zrangebyscore(shard.notify, "-inf", now - older_than_s, start=0, num=limit)
         owed: list[tuple[str, str]] = []
         for shard, members in zip(shards, pipe.execute(), strict=True):
-            for member in map(_text, members):
+            for member in map(as_text, members):
                 self.redis.zadd(shard.notify, {member: now}, xx=True)
                 job_id, _, event = member.rpartition("|")
                 owed.append((job_id, event))
@@ -263,19 +264,19 @@ class JobStore:
 
     # ---- reads -------------------------------------------------------------
     def raw(self, job_id: str) -> dict[str, str]:
-        return {_text(k): _text(v) for k, v in self.redis.hgetall(keys.job(job_id)).items()}
+        return {as_text(k): as_text(v) for k, v in self.redis.hgetall(keys.job(job_id)).items()}
 
     def exists(self, job_id: str) -> bool:
         return bool(self.redis.exists(keys.job(job_id)))
 
     def tenant_of(self, job_id: str) -> str | None:
-        return _text(self.redis.hget(keys.job(job_id), "tenant")) or None
+        return as_text(self.redis.hget(keys.job(job_id), "tenant")) or None
 
     def state(self, job_id: str) -> str | None:
-        return _text(self.redis.hget(keys.job(job_id), "state")) or None
+        return as_text(self.redis.hget(keys.job(job_id), "state")) or None
 
     def result_json(self, job_id: str) -> str | None:
-        return _text(self.redis.hget(keys.job(job_id), "result")) or None
+        return as_text(self.redis.hget(keys.job(job_id), "result")) or None
 
     def events(self, job_id: str, start: int = 0) -> list[dict[str, Any]]:
         return [json.loads(e) for e in self.redis.lrange(keys.events(job_id), start, -1)]

@@ -17,6 +17,7 @@ from typing import Any
 
 from api_client import keys
 from api_client.errors import QuotaExceeded, RateLimited
+from api_client.jobstate import as_text
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ class Quotas:
                                                                 limits.rate_per_s, limits.burst])
             if reply[0]:
                 return
-            code, retry_after = _text(reply[1]), float(_text(reply[2]))
+            code, retry_after = as_text(reply[1]), float(as_text(reply[2]))
             if code == "rate_limited":
                 raise RateLimited(f"tenant {tenant!r} over {limits.rate_per_s:g} submits/s",
                                   retry_after_s=retry_after)
@@ -57,12 +58,12 @@ class Quotas:
     def forget_ended(self, tenant: str) -> int:
         """Drop the tenant's jobs that have ended (or expired) from its active set; returns how many."""
         active = keys.TenantKeys.of(tenant).active
-        members = [_text(m) for m in self.redis.zrange(active, 0, -1)]
+        members = [as_text(m) for m in self.redis.zrange(active, 0, -1)]
         pipe = self.redis.pipeline(transaction=False)
         for job_id in members:
             pipe.hget(keys.job(job_id), "state")
         ended = [j for j, state in zip(members, pipe.execute(), strict=True)
-                 if _text(state) not in ("queued", "running")]
+                 if as_text(state) not in ("queued", "running")]
         if ended:
             self.redis.zrem(active, *ended)
         return len(ended)
@@ -74,7 +75,3 @@ class Quotas:
     def _keys(tenant: str) -> list[str]:
         k = keys.TenantKeys.of(tenant)
         return [k.active, k.bucket]
-
-
-def _text(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else ("" if v is None else str(v))

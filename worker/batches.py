@@ -29,6 +29,7 @@ from pydantic import ValidationError
 from api_client import keys
 from api_client.client import JobClient
 from api_client.errors import JobNotFound, RequestRejected
+from api_client.jobstate import as_text
 from api_client.schema import CallbackSpec, JobRequest
 
 log = structlog.get_logger(__name__)
@@ -138,7 +139,7 @@ class Batches:
     def record(self, batch_id: str, tenant: str | None = None) -> dict[str, str]:
         """The batch's record; JobNotFound for an unknown batch and for another tenant's alike."""
         raw = self.redis.hgetall(keys.BatchKeys.of(batch_id).record)
-        rec = {_text(k): _text(v) for k, v in raw.items()}
+        rec = {as_text(k): as_text(v) for k, v in raw.items()}
         if not rec or (tenant is not None and rec.get("tenant") != tenant):
             raise JobNotFound(batch_id)
         return rec
@@ -157,7 +158,7 @@ class Batches:
         """(custom_id, job_id, the job record's `fields`) for every line, in input order."""
         jobs_key = keys.BatchKeys.of(batch_id).jobs
         for start in range(0, int(self.redis.llen(jobs_key)), CHUNK):
-            rows = [_text(r).split("\t") for r in self.redis.lrange(jobs_key, start, start + CHUNK - 1)]
+            rows = [as_text(r).split("\t") for r in self.redis.lrange(jobs_key, start, start + CHUNK - 1)]
             pipe = self.redis.pipeline(transaction=False)
             for _, job_id in rows:
                 pipe.hmget(keys.job(job_id), *fields)
@@ -171,7 +172,7 @@ class Batches:
         `announce(batch_id, callback, payload)` sends the completion callback."""
         finished = []
         for raw in self.redis.zrange(keys.OPEN_BATCHES, 0, 100):
-            batch_id = _text(raw)
+            batch_id = as_text(raw)
             k = keys.BatchKeys.of(batch_id)
             state = self.redis.hget(k.record, "state")
             if state is None:  # expired: nothing left to finish
@@ -212,7 +213,3 @@ class Batches:
             announce(batch_id, CallbackSpec.model_validate_json(callback), self.status(batch_id))
         log.info("batch.completed", batch_id=batch_id, results_url=url, **counts)
         return batch_id
-
-
-def _text(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else ("" if v is None else str(v))
