@@ -27,29 +27,3 @@ def running_worker(settings: Settings) -> Iterator[object]:
     finally:
         runtime.stop()
 
-
-@contextmanager
-def serving(app: object) -> Iterator[str]:
-    """Serve an ASGI app with a real uvicorn on a free loopback port; yields its base URL."""
-    import threading
-    import time
-
-    import uvicorn
-
-    from worker.embedded import free_port
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False,
-                                           lifespan="on"))
-    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)

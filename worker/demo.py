@@ -125,43 +125,28 @@ def run_demo(jobs: int = 30, data_dir: Path | None = None) -> int:
 
 def _http_demo(redis_url: str, clip_url: str) -> int:
     """One long video job through the HTTP API, beside the direct client: its text as it grows."""
-    import threading
-
-    import uvicorn
-
     from api_client import HttpJobClient
-    from api_client.quotas import Limits
-    from worker.embedded import free_port
-    from worker.http_api import create_api
-    from worker.tenants import Tenant, TenantRegistry, key_hash, new_key
+    from worker.http_api import create_api, serve_in_thread
+    from worker.tenants import TenantRegistry, new_key
 
-    key, port = new_key(), free_port()
-    tenants = TenantRegistry.of({"demo": Tenant("demo", Limits(), ((key_hash(key), None),))})
-    server = uvicorn.Server(uvicorn.Config(create_api(redis_url, tenants), host="127.0.0.1", port=port,
-                                           log_config=None, access_log=False))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-    base = f"http://127.0.0.1:{port}"
-    print(f"\ndemo: the HTTP API at {base} (tenant 'demo', key {key[:8]}...): one long video job")
-    try:
-        with HttpJobClient(base, key) as http:
-            job_id = http.submit(JobRequest.simple("What happens in this clip?", videos=[clip_url],
-                                                   generation={"max_new_tokens": 1500, "min_new_tokens": 1500}))
-            text, shown = "", 0.0
-            for piece in http.stream(job_id, timeout=600):
-                text += piece
-                progress = http.status(job_id).progress if time.monotonic() - shown > 0.5 else None
-                if progress is not None:
-                    print(f"demo: http job {job_id[:8]} running: {progress.completion_tokens} tokens, "
-                          f"{len(text)} characters streamed so far")
-                    shown = time.monotonic()
-            status, result = http.status(job_id), http.result(job_id)
-            same = result is not None and result.output_text == text
-            print(f"demo: http job {job_id[:8]} {status.state.value}; streamed text equals the result: {same}")
-            return 0 if same else 1
-    finally:
-        server.should_exit = True
+    key = new_key()
+    with serve_in_thread(create_api(redis_url, TenantRegistry.for_keys({"demo": key}))) as base, \
+            HttpJobClient(base, key) as http:
+        print(f"\ndemo: the HTTP API at {base} (tenant 'demo', key {key[:8]}...): one long video job")
+        job_id = http.submit(JobRequest.simple("What happens in this clip?", videos=[clip_url],
+                                               generation={"max_new_tokens": 1500, "min_new_tokens": 1500}))
+        text, shown = "", 0.0
+        for piece in http.stream(job_id, timeout=600):
+            text += piece
+            progress = http.status(job_id).progress if time.monotonic() - shown > 0.5 else None
+            if progress is not None:
+                print(f"demo: http job {job_id[:8]} running: {progress.completion_tokens} tokens, "
+                      f"{len(text)} characters streamed so far")
+                shown = time.monotonic()
+        status, result = http.status(job_id), http.result(job_id)
+        same = result is not None and result.output_text == text
+        print(f"demo: http job {job_id[:8]} {status.state.value}; streamed text equals the result: {same}")
+        return 0 if same else 1
 
 
 def _report(client: JobClient, planned: list, ids: list[str], statuses: list, elapsed: float) -> int:

@@ -16,7 +16,8 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from typing import Annotated, Any
 
 import redis
@@ -220,3 +221,29 @@ def create_api(redis_url: str, tenants: TenantRegistry, *, batches: BatchRoutes 
     app.router.on_shutdown.append(client.close)
     app.router.on_shutdown.append(aio.aclose)
     return app
+
+
+@contextmanager
+def serve_in_thread(app: FastAPI, *, start_timeout_s: float = 20.0) -> Iterator[str]:
+    """Serve `app` with uvicorn on a free loopback port in a thread; yields its base URL
+    (the demo and the tests; `internvl-queue api` runs uvicorn in the foreground)."""
+    import threading
+
+    import uvicorn
+
+    from worker.embedded import free_port
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False))
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + start_timeout_s
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -86,6 +86,11 @@ class TenantRegistry:
         registry._tenants = dict(tenants)
         return registry
 
+    @classmethod
+    def for_keys(cls, keys: dict[str, str], limits: Limits | None = None) -> TenantRegistry:
+        """tenant -> its one plain key, all with `limits` (the demo, the bench and tests; no file)."""
+        return cls.of({name: Tenant(name, limits or Limits(), ((key_hash(key), None),)) for name, key in keys.items()})
+
     def _reload(self, *, force: bool = False) -> None:
         if self.path is None:
             return

@@ -256,16 +256,13 @@ def api_cases(svc) -> list[tuple[str, str, str, str]]:
     """Bad calls to the HTTP API: each answers its status and stable code, and records nothing."""
     import httpx
 
-    from api_client.quotas import Limits
-    from tests.harness import serving
-    from worker.http_api import create_api
+    from worker.http_api import create_api, serve_in_thread
     from worker.http_batches import BatchRoutes
     from worker.results_store import open_store
-    from worker.tenants import Tenant, TenantRegistry, key_hash, new_key
+    from worker.tenants import TenantRegistry, new_key
 
     mine, theirs = new_key(), new_key()
-    tenants = TenantRegistry.of({name: Tenant(name, Limits(), ((key_hash(key), None),))
-                                 for name, key in (("mine", mine), ("theirs", theirs))})
+    tenants = TenantRegistry.for_keys({"mine": mine, "theirs": theirs})
     client = svc["client"]
     other_job = client.submit(JobRequest.simple("theirs"), tenant="theirs")
     ok = C.user(C.text("hi"))
@@ -296,7 +293,8 @@ def api_cases(svc) -> list[tuple[str, str, str, str]]:
     before = len(list(client.redis.scan_iter(keys.job_pattern())))
     routes = BatchRoutes(open_store(f"file://{svc['base'] / 'api-store'}"), max_body_bytes=1024 * 1024)
     rows = []
-    with serving(create_api(client.redis_url, tenants, batches=routes)) as base, httpx.Client(base_url=base) as http:
+    with serve_in_thread(create_api(client.redis_url, tenants, batches=routes)) as base, \
+            httpx.Client(base_url=base) as http:
         for name, (method, path, kw) in cases.items():
             key = kw.get("key", mine)
             headers = {**kw.get("headers", {}), **({"Authorization": kw.get("auth") or f"Bearer {key}"}

@@ -11,8 +11,8 @@ import pytest
 
 from api_client import HttpJobClient, JobRequest, keys
 from api_client.errors import JobNotFound, RateLimited, Unauthorized
-from tests.harness import running_worker, serving
-from worker.http_api import create_api
+from tests.harness import running_worker
+from worker.http_api import create_api, serve_in_thread
 from worker.settings import Settings
 from worker.tenants import TenantRegistry, key_hash, new_key
 
@@ -39,7 +39,7 @@ def api(redis_url, tmp_path_factory):
     _keys_file(keys_file)
     settings = Settings(redis_url=redis_url, data_dir=data, model="tiny", model_cache_dir=data.parent / "models-cache",
                         max_batch_size=4, concurrency=8, cancel_poll_s=0.2)
-    with running_worker(settings), serving(create_api(redis_url, TenantRegistry(keys_file))) as base:
+    with running_worker(settings), serve_in_thread(create_api(redis_url, TenantRegistry(keys_file))) as base:
         yield base
 
 

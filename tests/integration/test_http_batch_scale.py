@@ -9,10 +9,9 @@ import time
 import tracemalloc
 
 from api_client import HttpJobClient, JobRequest
-from tests.harness import serving
 from tests.integration.test_http_batches import ACME, registry
 from tests.services import start_redis
-from worker.http_api import create_api
+from worker.http_api import create_api, serve_in_thread
 from worker.http_batches import BatchRoutes
 from worker.results_store import open_store
 
@@ -25,7 +24,8 @@ def test_ten_thousand_lines_are_accepted_in_seconds_with_flat_memory(tmp_path):
         routes = BatchRoutes(open_store(f"file://{tmp_path / 'store'}"), max_body_bytes=64 * 1024 * 1024)
         request = JobRequest.simple("describe", generation={"max_new_tokens": 2}).model_dump(mode="json")
         body = "".join(json.dumps({"custom_id": f"c-{i}", "request": request}) + "\n" for i in range(LINES))
-        with serving(create_api(server.url, registry(), batches=routes)) as base, HttpJobClient(base, ACME) as client:
+        with serve_in_thread(create_api(server.url, registry(), batches=routes)) as base, \
+                HttpJobClient(base, ACME) as client:
             client.submit_batch([{"custom_id": "warm", "request": request}])
             started = time.monotonic()
             accepted = client.submit_batch(body)

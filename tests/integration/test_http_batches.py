@@ -13,22 +13,19 @@ import pytest
 from api_client import HttpJobClient, JobRequest, keys
 from api_client.errors import JobNotFound, RequestRejected
 from tests.faults.netfaults import WebhookReceiver
-from tests.harness import running_worker, serving
-from worker.http_api import create_api
+from tests.harness import running_worker
+from worker.http_api import create_api, serve_in_thread
 from worker.http_batches import BatchRoutes
 from worker.results_store import open_store
 from worker.settings import Settings
-from worker.tenants import Tenant, TenantRegistry, key_hash, new_key
+from worker.tenants import TenantRegistry, new_key
 
 ACME, GLOBEX = new_key(), new_key()
 SECRET = "whsec_" + "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo0NTY3ODk="
 
 
 def registry() -> TenantRegistry:
-    from api_client.quotas import Limits
-
-    return TenantRegistry.of({name: Tenant(name, Limits(), ((key_hash(key), None),))
-                              for name, key in (("acme", ACME), ("globex", GLOBEX))})
+    return TenantRegistry.for_keys({"acme": ACME, "globex": GLOBEX})
 
 
 def line(i: int, **kw) -> dict:
@@ -44,7 +41,7 @@ def api(redis_url, tmp_path_factory):
                         webhook_secret=SECRET, callback_allow_private=True)
     store = open_store(settings.resolved_store_url)
     routes = BatchRoutes(store, max_body_bytes=settings.api_max_batch_bytes)
-    with running_worker(settings), serving(create_api(redis_url, registry(), batches=routes)) as base:
+    with running_worker(settings), serve_in_thread(create_api(redis_url, registry(), batches=routes)) as base:
         yield base
 
 

@@ -35,15 +35,14 @@ from api_client import HttpJobClient, JobClient, JobRequest
 from api_client.quotas import Limits
 from api_client.schema import JobState
 from api_client.webhooks import generate_secret
-from tests.harness import serving
 from worker.callbacks import list_dead, take_dead
 from worker.celery_app import create_app, start_runtime
 from worker.embedded import EmbeddedRedis
-from worker.http_api import create_api
+from worker.http_api import create_api, serve_in_thread
 from worker.http_batches import BatchRoutes
 from worker.results_store import open_store
 from worker.settings import Settings
-from worker.tenants import Tenant, TenantRegistry, key_hash, new_key
+from worker.tenants import TenantRegistry, new_key
 
 OPERATIONS = Path(__file__).resolve().parents[2] / "deploy" / "OPERATIONS.md"
 USERS = {"ivq-api": "API", "ivq-worker": "WORKER", "ivq-keda": "KEDA", "ivq-admin": "ADMIN"}
@@ -202,14 +201,15 @@ def test_api_user_and_worker_user_run_jobs_end_to_end(server, admin, tmp_path):
     app = create_app(settings.model_copy(update={"queues": ["infer", "callbacks"], "worker_id": "acl-worker"}))
     worker_redis = server.connect("ivq-worker")
     api = JobClient(server.url_for("ivq-api"))
-    tenants = TenantRegistry.of({"acme": Tenant("acme", Limits(max_active=10), ((key_hash(TENANT_KEY), None),))})
+    tenants = TenantRegistry.for_keys({"acme": TENANT_KEY}, Limits(max_active=10))
     http_api = create_api(server.url_for("ivq-api"), tenants, batches=BatchRoutes(
         open_store(settings.resolved_store_url), max_body_bytes=settings.api_max_batch_bytes))
     try:
         # Cancelled while queued, before any worker runs: the API's cancel path.
         never = api.submit(small("never runs"))
         assert api.cancel(never).state is JobState.cancelled
-        with consuming(app, "acl-worker@test"), serving(http_api) as base, HttpJobClient(base, TENANT_KEY) as http:
+        with consuming(app, "acl-worker@test"), serve_in_thread(http_api) as base, \
+                HttpJobClient(base, TENANT_KEY) as http:
             ok = api.submit(small("hello", priority=5, callback={"url": receiver.url + "/ok"}))
             bad = api.submit(small("hello", idempotency_key="acl-1", callback={"url": receiver.url + "/down"}))
             assert api.submit(small("again", idempotency_key="acl-1")) == bad
