@@ -5,7 +5,7 @@ is only how a worker hears of the job. `wait` and `events` block on the
 job's pub/sub channel (no sleep loop), re-reading the record after
 subscribing so a transition that happened in between is never missed.
 `stream` follows a running job's text the same way: the worker writes the
-settled text so far to the record (worker/progress.py, every
+settled text so far to the record (worker/jobs/progress.py, every
 IVQ_PROGRESS_INTERVAL_S at most) and announces it on that channel.
 """
 

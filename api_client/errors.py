@@ -9,9 +9,9 @@
     ├── RateLimited        the tenant submits faster than its rate (rate_limited, retry_after_s)
     ├── QuotaExceeded      the tenant has its maximum of jobs queued or running (quota_exceeded)
     ├── Conflict           the job's state does not allow this: no result yet, already ended (conflict)
-    └── raised in workers, and classified there by class (worker/errors.py):
-        JobFailed (worker/errors.py), ForbiddenURL (worker/netguard.py) and the storage
-        errors (worker/media_fetch.py: MediaNotFound, MediaTooLarge, ForbiddenMedia,
+    └── raised in workers, and classified there by class (worker/jobs/errors.py):
+        JobFailed (worker/jobs/errors.py), ForbiddenURL (worker/io/netguard.py) and the storage
+        errors (worker/io/media_fetch.py: MediaNotFound, MediaTooLarge, ForbiddenMedia,
         StorageUnavailable)
 
 `code` is always an `ErrorCode`, the stable codes clients branch on. `retryable`

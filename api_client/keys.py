@@ -161,7 +161,7 @@ def job_pattern() -> str:
 
 @dataclass(frozen=True)
 class BatchKeys:
-    """One batch (api_client/batches.py), under the batch's own hash tag."""
+    """One batch (worker/http/batch_store.py), under the batch's own hash tag."""
 
     record: str  # hash: tenant, state, counts, callback, results_url
     jobs: str  # list of "custom_id<TAB>job_id", in input order

@@ -26,8 +26,8 @@ def serving_api(redis_url: str, out_dir: Path) -> Iterator[tuple[str, str]]:
     """(base URL, API key) of an `internvl-queue api` process with one tenant whose limits do not bind."""
     import httpx
 
-    from worker.embedded import free_port
-    from worker.tenants import key_hash, new_key
+    from worker.ops.embedded import free_port
+    from worker.http.tenants import key_hash, new_key
 
     key, port = new_key(), free_port()
     keys_file = out_dir / "api-keys.json"

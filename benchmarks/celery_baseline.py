@@ -32,7 +32,7 @@ def create_baseline_app(redis_url: str, *, loaded: Any, store: Any, media_limits
     from model_runtime.engine import Engine
     from model_runtime.media import decode_image, decode_video
     from model_runtime.prompts import prepare
-    from worker.translate import chat_of, sampling_of
+    from worker.jobs.translate import chat_of, sampling_of
 
     url = _own_db(redis_url)
     app = Celery("ivq-baseline", broker=url, backend=url, set_as_current=False)

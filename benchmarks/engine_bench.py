@@ -22,8 +22,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from worker.batcher import MicroBatcher
-from worker.steploop import StepLoop
+from worker.model.batcher import MicroBatcher
+from worker.model.steploop import StepLoop
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class ContinuousKnobs:
 
     @classmethod
     def of(cls, loaded: Any, settings: Any) -> ContinuousKnobs:
-        """What worker/model_thread.py gives its engine: the KV budget as the worker resolves it
+        """What worker/model/thread.py gives its engine: the KV budget as the worker resolves it
         (the setting, else free CUDA memory, else the CPU default) and the chunk sizes."""
         from model_runtime.capacity import kv_budget_tokens
 
@@ -99,7 +99,7 @@ class EngineRun:
 
 def prepare_all(loaded: Any, requests: list, decoded: list[dict], *, max_tiles: int = 12) -> list:
     from model_runtime.prompts import prepare
-    from worker.translate import chat_of, sampling_of
+    from worker.jobs.translate import chat_of, sampling_of
 
     return [
         prepare(loaded.processor, chat_of(request), media, sampling_of(request.generation), request_id=f"bench-{i}",
@@ -155,7 +155,7 @@ def continuous_engine(loaded: Any, cap: int, knobs: ContinuousKnobs) -> Any:
 
 def static_batcher(engine: Any, *, cap: int, max_wait_ms: float, cost_aware: bool = True,
                    max_batch_cost: float | None = None) -> MicroBatcher:
-    """The worker's static queue (worker/model_thread.py) in front of `engine`."""
+    """The worker's static queue (worker/model/thread.py) in front of `engine`."""
     return MicroBatcher(
         lambda batch, _info: engine.generate_batch(batch), max_batch_size=cap, max_wait_ms=max_wait_ms,
         max_batch_cost=max_batch_cost, cost=lambda p: p.cost, group_key=lambda p: p.sampling,

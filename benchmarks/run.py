@@ -84,7 +84,7 @@ def plan_for(quick: bool, model: str | None) -> Plan:
 
 def _quiet(stream: Any) -> None:
     """Logs to stderr at WARNING, so --json leaves stdout to the one JSON object."""
-    from worker.logs import configure_logging
+    from worker.ops.logs import configure_logging
 
     configure_logging("WARNING", stream=stream)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -47,7 +47,7 @@ class Service:
 
         from api_client import JobClient
         from worker.celery_app import create_app, start_runtime
-        from worker.embedded import EmbeddedRedis
+        from worker.ops.embedded import EmbeddedRedis
         from worker.settings import Settings
 
         c = self.config
@@ -138,7 +138,7 @@ class Service:
         s = self.settings
         if self.continuous:
             run = run_continuous(self.runtime.ctx.loaded, items, cap=s.max_batch_size, knobs=self.knobs)
-        else:  # the worker's static queue is cost-aware (worker/model_thread.py)
+        else:  # the worker's static queue is cost-aware (worker/model/thread.py)
             run = run_batched(static_engine(self.runtime.ctx.loaded, s.max_batch_size), items, cap=s.max_batch_size,
                               max_wait_ms=s.max_wait_ms, cost_aware=True, max_batch_cost=s.max_batch_cost)
         return {**run.as_dict(), "engine": s.engine}

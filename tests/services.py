@@ -11,8 +11,8 @@ from pathlib import Path
 
 from botocore.config import Config
 
-from worker.embedded import EmbeddedRedis, free_port
-from worker.media_fetch import make_s3_client
+from worker.ops.embedded import EmbeddedRedis, free_port
+from worker.io.media_fetch import make_s3_client
 
 TEST_CREDENTIALS = {
     "aws_access_key_id": "test",

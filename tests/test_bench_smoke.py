@@ -92,7 +92,7 @@ def test_similar_cost_batches_like_sized_items_with_the_oldest() -> None:
     """The cost-aware batch forming the benchmark measures: the oldest goes first, joined by its nearest costs."""
     import threading
 
-    from worker.batcher import MicroBatcher
+    from worker.model.batcher import MicroBatcher
 
     batches: list[list[float]] = []
     release = threading.Event()

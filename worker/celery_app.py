@@ -1,7 +1,7 @@
 """The Celery app factory, and the three tasks a worker runs.
 
-- `ivq.infer(job_id)` runs one job: worker/pipeline.py `process_job`;
-- `ivq.notify(job_id, event)` builds the callback an event owes (worker/notify.py)
+- `ivq.infer(job_id)` runs one job: worker/jobs/pipeline.py `process_job`;
+- `ivq.notify(job_id, event)` builds the callback an event owes (worker/jobs/notify.py)
   and makes the first delivery attempt;
 - `ivq.deliver_callback(delivery)` makes one more attempt.
 An attempt is counted in `ivq_callbacks` and a retry goes back through the
@@ -29,8 +29,8 @@ from kombu import Exchange, Queue
 from api_client import keys
 from api_client.dispatch import Dispatcher
 from api_client.jobstate import JobStore
-from worker.metrics import Metrics
-from worker.pipeline import process_job
+from worker.ops.metrics import Metrics
+from worker.jobs.pipeline import process_job
 from worker.runtime import WorkerRuntime
 from worker.settings import Settings
 
@@ -95,7 +95,7 @@ def _register_tasks(app: Celery) -> None:
 
     def attempt(delivery: dict) -> str:
         """One delivery attempt, counted; a retry goes back on the callbacks queue."""
-        from worker.callbacks import handle_delivery
+        from worker.jobs.callbacks import handle_delivery
 
         done = handle_delivery(delivery, settings=settings, redis=_redis(app))
         metrics.callback_attempt(done.outcome)
@@ -106,7 +106,7 @@ def _register_tasks(app: Celery) -> None:
 
     @app.task(name=keys.NOTIFY_TASK, ignore_result=True, shared=False)
     def notify(job_id: str, event: str) -> str:
-        from worker.notify import build_event_delivery
+        from worker.jobs.notify import build_event_delivery
 
         jobs = JobStore(_redis(app))
         delivery = build_event_delivery(jobs, job_id, event)
@@ -136,7 +136,7 @@ def start_runtime(app: Celery, *, load_model: bool | None = None) -> WorkerRunti
         load_model = keys.INFER_QUEUE in settings.queues
     runtime = WorkerRuntime(settings, dispatch=app.ivq_dispatch, metrics=app.ivq_metrics, load_model=load_model)
     if settings.metrics_port is not None:
-        from worker.health import ObservabilityServer
+        from worker.ops.health import ObservabilityServer
 
         runtime.server = ObservabilityServer(settings.metrics_port, runtime.metrics, runtime.health).start()
     runtime.start()
@@ -174,7 +174,7 @@ def install_shutdown_hooks(app: Celery) -> None:
 def __getattr__(name: str) -> Any:
     # `celery -A worker.celery_app` looks up `app`; build it then, from the environment.
     if name == "app":
-        from worker.logs import configure_logging
+        from worker.ops.logs import configure_logging
 
         settings = Settings()
         configure_logging(settings.log_level)

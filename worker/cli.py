@@ -130,7 +130,7 @@ def cmd_callbacks(args: argparse.Namespace) -> int:
     import redis
 
     from api_client.dispatch import Dispatcher, producer_app
-    from worker.callbacks import list_dead, take_dead
+    from worker.jobs.callbacks import list_dead, take_dead
 
     url = args.redis_url or os.environ.get("IVQ_REDIS_URL")
     if not url:
@@ -161,12 +161,12 @@ def serve_worker(settings: Any, *, on_started: Callable[[Any], None] | None = No
     """Run one worker until it is told to stop. `on_started(runtime)` runs after the
     model is loaded and warmed up, before the first message is taken."""
     from worker.celery_app import create_app, install_shutdown_hooks, start_runtime
-    from worker.logs import configure_logging
+    from worker.ops.logs import configure_logging
 
     configure_logging(settings.log_level, static={"worker": settings.resolved_worker_id})
     embedded = None
     if not settings.redis_url:
-        from worker.embedded import EmbeddedRedis
+        from worker.ops.embedded import EmbeddedRedis
 
         embedded = EmbeddedRedis(settings.data_dir / "redis", appendonly=True)
         settings = settings.model_copy(update={"redis_url": embedded.url})
@@ -193,12 +193,12 @@ def serve_worker(settings: Any, *, on_started: Callable[[Any], None] | None = No
 def cmd_api(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from worker.http_api import create_api
-    from worker.http_batches import BatchRoutes
-    from worker.logs import configure_logging
-    from worker.results_store import open_store
+    from worker.http.app import create_api
+    from worker.http.batch_routes import BatchRoutes
+    from worker.ops.logs import configure_logging
+    from worker.io.results_store import open_store
     from worker.settings import Settings
-    from worker.tenants import TenantRegistry
+    from worker.http.tenants import TenantRegistry
 
     settings = Settings()
     configure_logging(settings.log_level, static={"component": "api"})
@@ -265,7 +265,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
 
 def cmd_api_key(args: argparse.Namespace) -> int:
-    from worker.tenants import key_entry, new_key
+    from worker.http.tenants import key_entry, new_key
 
     key = new_key()
     print(f"key (give it to the tenant; it is not stored anywhere): {key}", file=sys.stderr)
@@ -281,7 +281,7 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from worker.demo import run_demo
+    from worker.ops.demo import run_demo
 
     return run_demo(jobs=args.jobs)
 
@@ -293,7 +293,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate_autoscale(args: argparse.Namespace) -> int:
-    from worker.autoscale_sim import main as simulate_main
+    from worker.ops.autoscale_sim import main as simulate_main
 
     return simulate_main(args.rest)
 

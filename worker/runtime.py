@@ -1,10 +1,10 @@
 """WorkerRuntime: one worker process's long-lived pieces and their lifecycle.
 
 Start (fail fast, like TGI): connect Redis, open the store, load the model,
-warm up at the largest batch, start the one model thread (worker/model_thread.py)
-and build the `JobContext` every job uses (worker/pipeline.py); then start the
+warm up at the largest batch, start the one model thread (worker/model/thread.py)
+and build the `JobContext` every job uses (worker/jobs/pipeline.py); then start the
 lease renewer, the cancel watcher and the sweeper (and, for the continuous engine, the
-progress publisher, worker/progress.py). Only then is the worker ready.
+progress publisher, worker/jobs/progress.py). Only then is the worker ready.
 Drain (SIGTERM): stop taking jobs, let the requests the engine admitted finish
 (within IVQ_DRAIN_TIMEOUT_S), hand the jobs that never reached it back to the queue.
 """
@@ -23,16 +23,16 @@ import structlog
 from api_client import keys
 from api_client.dispatch import Dispatcher
 from api_client.jobstate import JobStore
-from worker.health import Health, ObservabilityServer
+from worker.ops.health import Health, ObservabilityServer
 from api_client.schema import CallbackSpec
-from worker.batches import Batches
-from worker.callbacks import build_delivery
-from worker.held import HeldClaims
-from worker.metrics import Metrics
-from worker.model_thread import ModelThread, start_model_thread
-from worker.pipeline import JobContext
-from worker.progress import ProgressPublisher
-from worker.results_store import open_store
+from worker.http.batch_store import Batches
+from worker.jobs.callbacks import build_delivery
+from worker.jobs.held import HeldClaims
+from worker.ops.metrics import Metrics
+from worker.model.thread import ModelThread, start_model_thread
+from worker.jobs.pipeline import JobContext
+from worker.jobs.progress import ProgressPublisher
+from worker.io.results_store import open_store
 from worker.settings import Settings
 
 log = structlog.get_logger(__name__)

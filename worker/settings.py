@@ -55,7 +55,7 @@ class Settings(BaseSettings):
     vision_chunk_tiles: int = Field(default=4, ge=1)
     cancel_poll_s: float = Field(default=0.5, gt=0)  # how often a worker looks for cancelled running jobs
     # Continuous engine: a running job's text so far is written to its record at most this often
-    # (worker/progress.py; JobClient.stream). 0: no progress.
+    # (worker/jobs/progress.py; JobClient.stream). 0: no progress.
     progress_interval_s: float = Field(default=0.25, ge=0)
     max_batch_cost: float | None = None  # static engine: None means the size limit only
     max_wait_ms: float = Field(default=20.0, ge=0)  # static engine: how long a batch waits to fill
@@ -93,7 +93,7 @@ class Settings(BaseSettings):
     callback_resend_after_s: float = 120.0  # a notify not run by then is sent again (same webhook-id)
 
     # The HTTP API (`internvl-queue api`).
-    api_keys_file: Path | None = None  # tenants and SHA-256 hashes of their keys (worker/tenants.py)
+    api_keys_file: Path | None = None  # tenants and SHA-256 hashes of their keys (worker/http/tenants.py)
     api_max_batch_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)  # a JSONL batch body, streamed
 
     # Operations.

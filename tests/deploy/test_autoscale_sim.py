@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from worker import autoscale_sim
+from worker.ops import autoscale_sim
 
 
 @pytest.fixture(scope="module")

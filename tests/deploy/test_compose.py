@@ -137,4 +137,4 @@ def test_gpu_image_has_cuda_runtime_flash_attn_and_model_volume():
     assert any(op == "VOLUME" and "/models" in arg for op, arg in ins)
     client = " ".join(arg for op, arg in _instructions("Dockerfile.client") if op == "RUN")
     assert "torch" not in client.replace("'torch' not in", "") and ".[worker]" not in client
-    assert '".[api]"' in client and "import api_client, worker.http_api" in client  # it runs `internvl-queue api`
+    assert '".[api]"' in client and "import api_client, worker.http.app" in client  # it runs `internvl-queue api`

@@ -22,7 +22,7 @@ import pytest
 from api_client import JobClient, JobRequest, keys
 from model_runtime.samples import make_sample_image
 from tests.faults.netfaults import WebhookReceiver
-from worker.embedded import free_port
+from worker.ops.embedded import free_port
 
 SECRET = "whsec_" + "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo0NTY3ODk="
 

@@ -14,7 +14,7 @@ import pytest
 from api_client import JobClient
 from tests.faults.common import FIGURES
 from tests.faults.procs import WorkerProc, worker_env
-from worker.embedded import EmbeddedRedis
+from worker.ops.embedded import EmbeddedRedis
 
 
 

@@ -25,8 +25,8 @@ from model_runtime.samples import make_sample_image, make_sample_video
 from tests.faults import corpus as C
 from tests.faults.common import record, wait_all
 from tests.harness import running_worker
-from worker.callbacks import list_dead
-from worker.embedded import EmbeddedRedis
+from worker.jobs.callbacks import list_dead
+from worker.ops.embedded import EmbeddedRedis
 from worker.settings import Settings
 
 MEDIA, RESULTS = "bad-media", "bad-results"
@@ -256,10 +256,11 @@ def api_cases(svc) -> list[tuple[str, str, str, str]]:
     """Bad calls to the HTTP API: each answers its status and stable code, and records nothing."""
     import httpx
 
-    from worker.http_api import create_api, serve_in_thread
-    from worker.http_batches import BatchRoutes
-    from worker.results_store import open_store
-    from worker.tenants import TenantRegistry, new_key
+    from worker.http.app import create_api
+    from worker.ops.embedded import serve_in_thread
+    from worker.http.batch_routes import BatchRoutes
+    from worker.io.results_store import open_store
+    from worker.http.tenants import TenantRegistry, new_key
 
     mine, theirs = new_key(), new_key()
     tenants = TenantRegistry.for_keys({"mine": mine, "theirs": theirs})

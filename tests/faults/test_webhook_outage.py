@@ -14,7 +14,7 @@ from api_client import JobRequest
 from api_client.webhooks import generate_secret
 from tests.faults.common import record, wait_all
 from tests.faults.netfaults import WebhookReceiver
-from worker.callbacks import list_dead
+from worker.jobs.callbacks import list_dead
 
 JOBS = 12
 DOWN_S = 4.0

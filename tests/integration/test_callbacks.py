@@ -15,8 +15,8 @@ from structlog.testing import capture_logs
 from api_client import keys
 from api_client.schema import CallbackSpec
 from api_client.webhooks import WebhookVerificationError, generate_secret, verify
-from worker.embedded import free_port
-from worker.callbacks import build_delivery, handle_delivery, list_dead, take_dead
+from worker.ops.embedded import free_port
+from worker.jobs.callbacks import build_delivery, handle_delivery, list_dead, take_dead
 from worker.settings import Settings
 
 SECRET = generate_secret()

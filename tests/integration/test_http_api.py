@@ -12,9 +12,10 @@ import pytest
 from api_client import HttpJobClient, JobRequest, keys
 from api_client.errors import JobNotFound, RateLimited, Unauthorized
 from tests.harness import running_worker
-from worker.http_api import create_api, serve_in_thread
+from worker.http.app import create_api
+from worker.ops.embedded import serve_in_thread
 from worker.settings import Settings
-from worker.tenants import TenantRegistry, key_hash, new_key
+from worker.http.tenants import TenantRegistry, key_hash, new_key
 
 ACME, ACME_OLD, ACME_EXPIRED, GLOBEX, TIGHT, SLOW = (new_key() for _ in range(6))
 LONG = {"max_new_tokens": 4000, "min_new_tokens": 4000}  # thousands of steps: it stays running until cancelled

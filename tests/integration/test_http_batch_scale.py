@@ -11,9 +11,10 @@ import tracemalloc
 from api_client import HttpJobClient, JobRequest
 from tests.integration.test_http_batches import ACME, registry
 from tests.services import start_redis
-from worker.http_api import create_api, serve_in_thread
-from worker.http_batches import BatchRoutes
-from worker.results_store import open_store
+from worker.http.app import create_api
+from worker.ops.embedded import serve_in_thread
+from worker.http.batch_routes import BatchRoutes
+from worker.io.results_store import open_store
 
 LINES = 10_000
 

@@ -14,11 +14,12 @@ from api_client import HttpJobClient, JobRequest, keys
 from api_client.errors import JobNotFound, RequestRejected
 from tests.faults.netfaults import WebhookReceiver
 from tests.harness import running_worker
-from worker.http_api import create_api, serve_in_thread
-from worker.http_batches import BatchRoutes
-from worker.results_store import open_store
+from worker.http.app import create_api
+from worker.ops.embedded import serve_in_thread
+from worker.http.batch_routes import BatchRoutes
+from worker.io.results_store import open_store
 from worker.settings import Settings
-from worker.tenants import TenantRegistry, new_key
+from worker.http.tenants import TenantRegistry, new_key
 
 ACME, GLOBEX = new_key(), new_key()
 SECRET = "whsec_" + "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo0NTY3ODk="

@@ -23,7 +23,7 @@ import redis
 from api_client import JobClient, JobRequest
 from api_client.jobstate import Claim, JobStore
 from tests.harness import running_worker
-from worker.progress import ProgressPublisher
+from worker.jobs.progress import ProgressPublisher
 from worker.settings import Settings
 
 LONG = {"max_new_tokens": 200, "min_new_tokens": 200}

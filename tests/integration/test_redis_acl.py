@@ -35,14 +35,15 @@ from api_client import HttpJobClient, JobClient, JobRequest
 from api_client.quotas import Limits
 from api_client.schema import JobState
 from api_client.webhooks import generate_secret
-from worker.callbacks import list_dead, take_dead
+from worker.jobs.callbacks import list_dead, take_dead
 from worker.celery_app import create_app, start_runtime
-from worker.embedded import EmbeddedRedis
-from worker.http_api import create_api, serve_in_thread
-from worker.http_batches import BatchRoutes
-from worker.results_store import open_store
+from worker.ops.embedded import EmbeddedRedis
+from worker.http.app import create_api
+from worker.ops.embedded import serve_in_thread
+from worker.http.batch_routes import BatchRoutes
+from worker.io.results_store import open_store
 from worker.settings import Settings
-from worker.tenants import TenantRegistry, new_key
+from worker.http.tenants import TenantRegistry, new_key
 
 OPERATIONS = Path(__file__).resolve().parents[2] / "deploy" / "OPERATIONS.md"
 USERS = {"ivq-api": "API", "ivq-worker": "WORKER", "ivq-keda": "KEDA", "ivq-admin": "ADMIN"}

@@ -16,9 +16,9 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from tests.services import MotoS3, s3_client, start_redis
-from worker.embedded import EmbeddedRedis, free_port
-from worker.media_fetch import ForbiddenMedia, MediaNotFound, MediaTooLarge, StorageUnavailable
-from worker.results_store import FileStore, S3Store, open_store
+from worker.ops.embedded import EmbeddedRedis, free_port
+from worker.io.media_fetch import ForbiddenMedia, MediaNotFound, MediaTooLarge, StorageUnavailable
+from worker.io.results_store import FileStore, S3Store, open_store
 
 RESULTS = "ivq-results"
 MEDIA = "ivq-media"
@@ -178,7 +178,7 @@ def test_embedded_redis_password(tmp_path: Path) -> None:
 
 def test_embedded_redis_dies_with_its_parent(tmp_path: Path) -> None:
     code = (
-        "import sys, time; from pathlib import Path; from worker.embedded import EmbeddedRedis; "
+        "import sys, time; from pathlib import Path; from worker.ops.embedded import EmbeddedRedis; "
         "r = EmbeddedRedis(Path(sys.argv[1])); print(r.pid, flush=True); time.sleep(60)"
     )
     parent = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "r4")], stdout=subprocess.PIPE)

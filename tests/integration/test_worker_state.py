@@ -7,7 +7,7 @@ import urllib.error
 import urllib.request
 
 from worker.celery_app import create_app
-from worker.health import ObservabilityServer, WorkerState
+from worker.ops.health import ObservabilityServer, WorkerState
 from worker.runtime import WorkerRuntime
 from worker.settings import Settings
 

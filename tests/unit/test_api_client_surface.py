@@ -76,7 +76,7 @@ def test_broker_down_raises_quickly_instead_of_hanging():
     import time
 
     from api_client.errors import BrokerUnavailable
-    from worker.embedded import free_port
+    from worker.ops.embedded import free_port
 
     client = JobClient(f"redis://127.0.0.1:{free_port()}/0", socket_timeout=2)
     t0 = time.monotonic()

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from worker.batcher import BatcherClosed, BatchInfo, MicroBatcher
+from worker.model.batcher import BatcherClosed, BatchInfo, MicroBatcher
 
 
 class Recorder:
@@ -233,6 +233,6 @@ def test_batcher_imports_neither_celery_nor_torch():
     import subprocess
     import sys
 
-    code = "import sys, worker.batcher; print('celery' in sys.modules, 'torch' in sys.modules)"
+    code = "import sys, worker.model.batcher; print('celery' in sys.modules, 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]

@@ -1,4 +1,4 @@
-"""One error tree, classified by class (worker/errors.py), and one backoff."""
+"""One error tree, classified by class (worker/jobs/errors.py), and one backoff."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import redis
 from pydantic import BaseModel, ValidationError
 
 from api_client import BrokerUnavailable, ErrorCode, JobNotFound, RequestRejected, ServiceError, WaitTimeout
-from worker import callbacks
-from worker.batcher import BatcherClosed
-from worker.errors import Action, Draining, JobFailed, backoff_delay, classify
-from worker.media_fetch import (
+from worker.jobs import callbacks
+from worker.model.batcher import BatcherClosed
+from worker.jobs.errors import Action, Draining, JobFailed, backoff_delay, classify
+from worker.io.media_fetch import (
     ForbiddenMedia,
     InvalidMediaUrl,
     MediaNotFound,
@@ -21,7 +21,7 @@ from worker.media_fetch import (
     StorageError,
     StorageUnavailable,
 )
-from worker.netguard import ForbiddenURL
+from worker.io.netguard import ForbiddenURL
 
 
 @pytest.mark.parametrize(("exc", "action", "code"), [

@@ -8,8 +8,8 @@ import urllib.request
 
 import pytest
 
-from worker.health import Health, ObservabilityServer, WorkerState
-from worker.metrics import Metrics
+from worker.ops.health import Health, ObservabilityServer, WorkerState
+from worker.ops.metrics import Metrics
 
 
 class FakeClock:

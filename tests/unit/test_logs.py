@@ -9,7 +9,7 @@ import logging
 import pytest
 import structlog
 
-from worker.logs import REDACTED, configure_logging, redact_processor, redact_text
+from worker.ops.logs import REDACTED, configure_logging, redact_processor, redact_text
 
 PRESIGNED = (
     "https://bucket.s3.amazonaws.com/img/cat.jpg?X-Amz-Algorithm=AWS4-HMAC-SHA256"

@@ -8,8 +8,8 @@ import urllib.request
 
 import pytest
 
-from worker.health import Health, ObservabilityServer
-from worker.metrics import Metrics
+from worker.ops.health import Health, ObservabilityServer
+from worker.ops.metrics import Metrics
 
 
 @pytest.fixture
@@ -68,7 +68,7 @@ def test_metrics_instances_are_independent() -> None:
 
 def test_rendering_metrics_does_not_import_torch() -> None:
     code = (
-        "import sys; from worker.metrics import Metrics; Metrics().render(); "
+        "import sys; from worker.ops.metrics import Metrics; Metrics().render(); "
         "sys.exit(1 if 'torch' in sys.modules else 0)"
     )
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0

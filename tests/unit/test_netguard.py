@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.netguard import ForbiddenURL, guarded_request, resolve_target
+from worker.io.netguard import ForbiddenURL, guarded_request, resolve_target
 
 BIG = b"x" * (1024 * 1024)
 

@@ -1,6 +1,6 @@
 """The model runtime stands alone: it imports neither api_client nor worker.
 
-The worker translates between the two (worker/translate.py, worker/errors.py);
+The worker translates between the two (worker/jobs/translate.py, worker/jobs/errors.py);
 these tests pin both sides of that boundary.
 """
 
@@ -17,8 +17,8 @@ from model_runtime.prompts import simple_chat
 from model_runtime.types import (
     RUNTIME_ERROR_CODES, DeadlineExceeded, GenerationFailed, RequestCancelled, RequestError, Sampling, TooLargeForGPU,
 )
-from worker.errors import Action, classify
-from worker.translate import chat_of, sampling_of
+from worker.jobs.errors import Action, classify
+from worker.jobs.translate import chat_of, sampling_of
 
 NAMED = {"types", "media", "samples", "prompts", "engine", "loading", "tiny"}
 

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from worker.batcher import BatcherClosed
-from worker.steploop import StepLoop
+from worker.model.batcher import BatcherClosed
+from worker.model.steploop import StepLoop
 
 
 class FakeEngine:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.media_fetch import (
+from worker.io.media_fetch import (
     ForbiddenMedia,
     InvalidMediaUrl,
     MediaFetcher,
@@ -17,7 +17,7 @@ from worker.media_fetch import (
     StorageError,
     StorageUnavailable,
 )
-from worker.results_store import FileStore, open_store
+from worker.io.results_store import FileStore, open_store
 
 
 @pytest.fixture

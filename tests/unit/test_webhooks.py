@@ -11,8 +11,8 @@ import pytest
 import standardwebhooks
 
 from api_client.webhooks import WebhookVerificationError, generate_secret, sign, signed_headers, verify
-from worker.callbacks import redact_url
-from worker.errors import backoff_delay
+from worker.jobs.callbacks import redact_url
+from worker.jobs.errors import backoff_delay
 
 NOW = 1_700_000_000
 BODY = json.dumps({"type": "job.succeeded", "data": {"job_id": "j1", "text": "héllo"}}).encode()

@@ -1,7 +1,7 @@
 """The HTTP API: the only thing producers talk to (`internvl-queue api`).
 
 FastAPI on uvicorn, stateless, CPU only. Every call but the probes carries
-`Authorization: Bearer ivq_...`, which names a tenant (worker/tenants.py). A
+`Authorization: Bearer ivq_...`, which names a tenant (worker/http/tenants.py). A
 tenant sees only its own jobs: another tenant's job id answers 404, exactly
 like an unknown one, so ids do not leak. Submits are admitted against the
 tenant's rate and cap (api_client/quotas.py); a refusal is 429 with
@@ -14,10 +14,8 @@ Errors have one shape, `{"error": {"code", "message"}}`, with the stable
 from __future__ import annotations
 
 import json
-import math
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import redis
@@ -34,60 +32,16 @@ from api_client.client import JobClient
 from api_client.errors import (
     Conflict,
     JobNotFound,
-    QuotaExceeded,
-    RateLimited,
     RequestRejected,
     ServiceError,
-    Unauthorized,
 )
 from api_client.schema import MAX_REQUEST_BYTES, ErrorCode, JobResult, JobStatus
-from worker.http_batches import BatchRoutes
-from worker.http_events import event_stream
-from worker.tenants import Tenant, TenantRegistry
-
-STATUS_OF: dict[ErrorCode, int] = {
-    ErrorCode.invalid_request: 422, ErrorCode.forbidden_url: 422, ErrorCode.media_not_found: 422,
-    ErrorCode.unauthorized: 401, ErrorCode.not_found: 404, ErrorCode.conflict: 409, ErrorCode.rate_limited: 429,
-    ErrorCode.quota_exceeded: 429, ErrorCode.broker_unavailable: 503, ErrorCode.storage_unavailable: 503,
-}
-ERRORS_DOC = "\n".join(f"- `{code.value}`: HTTP {status}" for code, status in STATUS_OF.items()) + (
-    "\n- a body that is not JSON: HTTP 400 `invalid_request`; a body over the limit: HTTP 413 `invalid_request`")
-
+from worker.http.batch_routes import BatchRoutes
+from worker.http.events import event_stream
+from worker.http.tenants import Tenant, TenantRegistry
+from worker.http.wire import ERRORS_DOC, MalformedBody, error_response, read_capped
 
 Auth = Annotated[str | None, Header(alias="Authorization", include_in_schema=False)]
-
-
-class BodyTooLarge(RequestRejected):
-    pass
-
-
-class MalformedBody(RequestRejected):
-    pass
-
-
-def error_response(exc: ServiceError) -> JSONResponse:
-    status = 413 if isinstance(exc, BodyTooLarge) else 400 if isinstance(exc, MalformedBody) else \
-        STATUS_OF.get(exc.code, 500)
-    headers = {}
-    if isinstance(exc, (RateLimited, QuotaExceeded)):
-        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
-    if isinstance(exc, Unauthorized):
-        headers["WWW-Authenticate"] = "Bearer"
-    return JSONResponse({"error": {"code": exc.code.value, "message": exc.message}}, status, headers=headers)
-
-
-async def read_capped(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it passes `limit` (before any parsing)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise BodyTooLarge(f"body over {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge(f"body over {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 class ApiMetrics:
@@ -100,7 +54,7 @@ class ApiMetrics:
 
 
 def create_api(redis_url: str, tenants: TenantRegistry, *, batches: BatchRoutes | None = None) -> FastAPI:
-    """The ASGI app. `batches` (worker/http_batches.py, it needs the object store) adds /v1/batches."""
+    """The ASGI app. `batches` (worker/http/batch_routes.py, it needs the object store) adds /v1/batches."""
     client = JobClient(redis_url)
     aio = aioredis.Redis.from_url(redis_url, socket_connect_timeout=5)  # the event streams' pool
     metrics = ApiMetrics()
@@ -217,33 +171,7 @@ def create_api(redis_url: str, tenants: TenantRegistry, *, batches: BatchRoutes 
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     if batches is not None:
-        batches.mount(app, client, tenant_of, read_capped)
+        batches.mount(app, client, tenant_of)
     app.router.on_shutdown.append(client.close)
     app.router.on_shutdown.append(aio.aclose)
     return app
-
-
-@contextmanager
-def serve_in_thread(app: FastAPI, *, start_timeout_s: float = 20.0) -> Iterator[str]:
-    """Serve `app` with uvicorn on a free loopback port in a thread; yields its base URL
-    (the demo and the tests; `internvl-queue api` runs uvicorn in the foreground)."""
-    import threading
-
-    import uvicorn
-
-    from worker.embedded import free_port
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False))
-    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + start_timeout_s
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)

@@ -85,7 +85,7 @@ def _wait_ready(client: JobClient, proc: subprocess.Popen, log_path: Path, timeo
 
 
 def run_demo(jobs: int = 30, data_dir: Path | None = None) -> int:
-    from worker.embedded import EmbeddedRedis
+    from worker.ops.embedded import EmbeddedRedis
 
     data_dir = (data_dir or Path(os.environ.get("IVQ_DATA_DIR", ".ivq-data"))).resolve() / "demo"
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -126,8 +126,9 @@ def run_demo(jobs: int = 30, data_dir: Path | None = None) -> int:
 def _http_demo(redis_url: str, clip_url: str) -> int:
     """One long video job through the HTTP API, beside the direct client: its text as it grows."""
     from api_client import HttpJobClient
-    from worker.http_api import create_api, serve_in_thread
-    from worker.tenants import TenantRegistry, new_key
+    from worker.http.app import create_api
+    from worker.ops.embedded import serve_in_thread
+    from worker.http.tenants import TenantRegistry, new_key
 
     key = new_key()
     with serve_in_thread(create_api(redis_url, TenantRegistry.for_keys({"demo": key}))) as base, \

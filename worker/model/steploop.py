@@ -25,7 +25,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import structlog
 
-from worker.batcher import BatcherClosed, ModelThreadQueue
+from worker.model.batcher import BatcherClosed, ModelThreadQueue
 
 log = structlog.get_logger(__name__)
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from api_client.jobstate import JobStore
 from api_client.schema import CallbackSpec, JobStatus
-from worker.callbacks import build_delivery
+from worker.jobs.callbacks import build_delivery
 
 
 def build_event_delivery(jobs: JobStore, job_id: str, event: str) -> dict | None:

@@ -1,4 +1,4 @@
-"""The HTTP API's batch routes (worker/batches.py holds what they do).
+"""The HTTP API's batch routes (worker/http/batch_store.py holds what they do).
 
     POST /v1/batches              a JSONL body (?partial=true&callback_url=...), or
                                   {"input_url": "s3://.../requests.jsonl", "partial": .., "callback": {..}}
@@ -23,15 +23,14 @@ from starlette.concurrency import run_in_threadpool
 from api_client.client import JobClient
 from api_client.errors import Conflict, RequestRejected
 from api_client.schema import CallbackSpec
-from worker.batches import Batches, Checked, check_lines
-from worker.media_fetch import parse_s3_url
-from worker.results_store import ObjectStore
+from worker.http.batch_store import Batches, Checked, check_lines
+from worker.http.wire import BodyTooLarge, read_capped
+from worker.io.media_fetch import parse_s3_url
+from worker.io.results_store import ObjectStore
 
 
 async def _spool(request: Request, limit: int) -> IO[bytes]:
     """The body written to a temporary file as it arrives (memory stays flat), refused past `limit`."""
-    from worker.http_api import BodyTooLarge
-
     spool, size = tempfile.TemporaryFile(), 0
     async for chunk in request.stream():
         size += len(chunk)
@@ -59,8 +58,7 @@ class BatchRoutes:
         finally:
             body.close()
 
-    def mount(self, app: FastAPI, client: JobClient, tenant_of: Callable[[str | None], Any],
-              read_capped: Any) -> None:
+    def mount(self, app: FastAPI, client: JobClient, tenant_of: Callable[[str | None], Any]) -> None:
         batches = Batches(client.redis, client)
 
         @app.post("/v1/batches", status_code=202, summary="Submit a JSONL file of requests (a batch)")

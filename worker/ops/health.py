@@ -18,7 +18,7 @@ from typing import Any
 
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from worker.metrics import Metrics
+from worker.ops.metrics import Metrics
 
 
 class WorkerState(Enum):

@@ -1,7 +1,7 @@
 """Live progress of running jobs: the engine's snapshots of token ids, as settled text, in the job record.
 
 The continuous engine calls a job's `Prepared.on_progress` (set in
-worker/pipeline.py from `ProgressPublisher.hook`) on the model thread, at most
+worker/jobs/pipeline.py from `ProgressPublisher.hook`) on the model thread, at most
 every IVQ_PROGRESS_INTERVAL_S, with the ids generated so far. The hook only
 drops them in a mailbox: one slot per job, a newer snapshot replacing one
 not yet sent, so a slow Redis costs memory per job, not per snapshot. One

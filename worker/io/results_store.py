@@ -1,10 +1,10 @@
 """Where results go: result JSON written under a store's prefix, read back, deleted.
 
 A store is either an S3 bucket + prefix (AWS, or MinIO/any S3 endpoint) or a
-local directory. `open_store` also builds the `worker.media_fetch.MediaFetcher`
+local directory. `open_store` also builds the `worker.io.media_fetch.MediaFetcher`
 that reads media (s3:// and file://, whatever the store's kind) and hands it
 over as `store.fetcher`, sharing the S3 client. Failures are the typed
-exceptions of `worker/media_fetch.py`.
+exceptions of `worker/io/media_fetch.py`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from botocore.client import BaseClient
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from worker.media_fetch import (
+from worker.io.media_fetch import (
     BUCKET_RE,
     MediaFetcher,
     MediaNotFound,

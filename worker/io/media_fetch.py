@@ -3,8 +3,8 @@
 `MediaFetcher` reads a URL's bytes, never more than the caller's limit, and
 only from the allowed buckets and the allowed file root. Every failure is one
 of the typed exceptions below (boto's ClientError and BotoCoreError are
-translated here); `worker/errors.py` decides what each means for the job.
-`worker/results_store.py` writes results with the same helpers.
+translated here); `worker/jobs/errors.py` decides what each means for the job.
+`worker/io/results_store.py` writes results with the same helpers.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 The runtime imports neither api_client nor worker, so the worker translates:
 a request's generation settings and messages here, its errors in
-worker/errors.py. Importing this module does not import torch.
+worker/jobs/errors.py. Importing this module does not import torch.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Two kinds of event:
 - `state`: one entry of the job's event list (queued, running, ..., the end), as JSON;
 - `delta`: `{"text": ...}`, output text not sent before. Progress snapshots
-  (worker/progress.py) are prefixes of the final text, and the last delta,
+  (worker/jobs/progress.py) are prefixes of the final text, and the last delta,
   sent just before the `succeeded` event, completes it: the deltas joined
   equal the result's `output_text`.
 

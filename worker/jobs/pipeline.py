@@ -1,11 +1,11 @@
 """The path of one job through a worker, on its task thread.
 
-claim (api_client/jobstate.py) → fetch media (worker/media_fetch.py) → decode
+claim (api_client/jobstate.py) → fetch media (worker/io/media_fetch.py) → decode
 and build the prompt (model_runtime) → the model thread's queue → wait on its
-future → write the result JSON (worker/results_store.py) → succeed (claim
+future → write the result JSON (worker/io/results_store.py) → succeed (claim
 holder only) → announce the event (api_client/dispatch.py).
 
-Every error rises to one place, `_handle_error`, which asks worker/errors.py
+Every error rises to one place, `_handle_error`, which asks worker/jobs/errors.py
 what happens next. `JobContext` holds what the path needs; WorkerRuntime
 builds it once, when the model is loaded.
 """
@@ -23,16 +23,16 @@ import structlog
 from api_client.dispatch import Dispatcher
 from api_client.jobstate import Claim, JobStore
 from api_client.schema import ErrorCode, ImageItem, JobRequest, JobResult, Timings, Usage, VideoItem
-from worker.errors import Action, Draining, JobFailed, backoff_delay, classify
-from worker.held import HeldClaims
-from worker.model_thread import BatchOutcome
-from worker.netguard import guarded_request
-from worker.metrics import Metrics
-from worker.progress import ProgressPublisher
+from worker.jobs.errors import Action, Draining, JobFailed, backoff_delay, classify
+from worker.jobs.held import HeldClaims
+from worker.model.thread import BatchOutcome
+from worker.io.netguard import guarded_request
+from worker.ops.metrics import Metrics
+from worker.jobs.progress import ProgressPublisher
 from worker.settings import Settings
-from worker.media_fetch import MediaFetcher
-from worker.results_store import ObjectStore
-from worker.translate import chat_of, sampling_of
+from worker.io.media_fetch import MediaFetcher
+from worker.io.results_store import ObjectStore
+from worker.jobs.translate import chat_of, sampling_of
 
 if TYPE_CHECKING:
     from model_runtime.loading import Loaded
@@ -47,7 +47,7 @@ RETRY_BASE_S, RETRY_CAP_S = 1.0, 60.0
 
 
 class ModelQueue(Protocol):
-    """The task-thread side of the model thread's queue (worker/steploop.py, worker/batcher.py)."""
+    """The task-thread side of the model thread's queue (worker/model/steploop.py, worker/model/batcher.py)."""
 
     def announce(self) -> None: ...
     def withdraw(self) -> None: ...

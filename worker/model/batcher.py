@@ -55,7 +55,7 @@ class _Pending(Generic[T]):
 
 
 class ModelThreadQueue:
-    """The task-thread side both model-thread queues share (this MicroBatcher, worker/steploop.py's
+    """The task-thread side both model-thread queues share (this MicroBatcher, worker/model/steploop.py's
     StepLoop): start the one model thread, and count requests being prepared (`announce`/`withdraw`)."""
 
     def __init__(self, loop: Callable[[], None], name: str) -> None:

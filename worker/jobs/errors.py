@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from api_client.errors import ServiceError
 from api_client.schema import ErrorCode
 from model_runtime.types import DeadlineExceeded, GenerationFailed, RequestCancelled, RequestError
-from worker.batcher import BatcherClosed
+from worker.model.batcher import BatcherClosed
 
 
 class Action(str, enum.Enum):

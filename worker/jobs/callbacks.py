@@ -26,8 +26,8 @@ import structlog
 from api_client import keys
 from api_client.schema import CallbackSpec
 from api_client.webhooks import signed_headers
-from worker.errors import backoff_delay
-from worker.netguard import ForbiddenURL, guarded_request
+from worker.jobs.errors import backoff_delay
+from worker.io.netguard import ForbiddenURL, guarded_request
 
 if TYPE_CHECKING:
     from worker.settings import Settings

@@ -1,7 +1,7 @@
 """The worker's Prometheus metrics.
 
 `Metrics` owns its own registry, so several can live in one process (tests,
-a worker and its callback pool). `worker/health.py` serves them on /metrics.
+a worker and its callback pool). `worker/ops/health.py` serves them on /metrics.
 """
 
 from __future__ import annotations

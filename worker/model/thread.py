@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from worker.batcher import BatchInfo, MicroBatcher
-from worker.metrics import Metrics
+from worker.model.batcher import BatchInfo, MicroBatcher
+from worker.ops.metrics import Metrics
 from worker.settings import Settings
-from worker.steploop import RunInfo, StepLoop
+from worker.model.steploop import RunInfo, StepLoop
 
 if TYPE_CHECKING:  # the model stack loads only in a worker that serves "infer"
     from model_runtime.engine import Engine

@@ -1,0 +1,1 @@
+"""Operations: JSON logs, Prometheus metrics, health probes, the embedded Redis, the demo, the autoscaling simulator."""
