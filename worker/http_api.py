@@ -40,7 +40,7 @@ from api_client.errors import (
     ServiceError,
     Unauthorized,
 )
-from api_client.schema import MAX_REQUEST_BYTES, ErrorCode, JobResult, JobStatus
+from api_client.schema import MAX_REQUEST_BYTES, ErrorCode, JobRequest, JobResult, JobStatus
 from worker.http_batches import BatchRoutes
 from worker.http_events import event_stream
 from worker.tenants import Tenant, TenantRegistry
@@ -49,6 +49,8 @@ STATUS_OF: dict[ErrorCode, int] = {
     ErrorCode.invalid_request: 422, ErrorCode.forbidden_url: 422, ErrorCode.media_not_found: 422,
     ErrorCode.unauthorized: 401, ErrorCode.not_found: 404, ErrorCode.conflict: 409, ErrorCode.rate_limited: 429,
     ErrorCode.quota_exceeded: 429, ErrorCode.broker_unavailable: 503, ErrorCode.storage_unavailable: 503,
+    ErrorCode.invalid_schema: 422, ErrorCode.unsupported_schema_feature: 422, ErrorCode.invalid_regex: 422,
+    ErrorCode.empty_choices: 422, ErrorCode.schema_too_large: 422,
 }
 ERRORS_DOC = "\n".join(f"- `{code.value}`: HTTP {status}" for code, status in STATUS_OF.items()) + (
     "\n- a body that is not JSON: HTTP 400 `invalid_request`; a body over the limit: HTTP 413 `invalid_request`")
@@ -108,6 +110,7 @@ def create_api(redis_url: str, tenants: TenantRegistry, *, batches: BatchRoutes 
                   description="Queued InternVL jobs over images and videos in object storage.\n\n"
                               "Errors are `{\"error\": {\"code\", \"message\"}}`:\n\n" + ERRORS_DOC)
     app.state.client, app.state.tenants = client, tenants
+    _document_job_request(app)
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
@@ -147,7 +150,8 @@ def create_api(redis_url: str, tenants: TenantRegistry, *, batches: BatchRoutes 
         if client.jobs.tenant_of(job_id) != tenant.name:
             raise JobNotFound(job_id)
 
-    @app.post("/v1/jobs", status_code=202, summary="Submit a job (a JobRequest)")
+    @app.post("/v1/jobs", status_code=202, summary="Submit a job (a JobRequest)", openapi_extra={"requestBody": {
+        "required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/JobRequest"}}}}})
     async def submit(request: Request, authorization: Auth = None,
                      idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None) -> JSONResponse:
         tenant = tenant_of(authorization)
@@ -221,6 +225,23 @@ def create_api(redis_url: str, tenants: TenantRegistry, *, batches: BatchRoutes 
     app.router.on_shutdown.append(client.close)
     app.router.on_shutdown.append(aio.aclose)
     return app
+
+
+def _document_job_request(app: FastAPI) -> None:
+    """/v1/jobs reads its body itself (size cap first, then JobClient's checks), so OpenAPI is told its schema."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        spec = build()  # FastAPI keeps it in app.openapi_schema: amended once
+        request = JobRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+        for name, schema in {**request.pop("$defs", {}), "JobRequest": request}.items():
+            schemas.setdefault(name, schema)
+        return spec
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 @contextmanager
