@@ -100,21 +100,22 @@ def is_constrained(fmt: Any) -> bool:
     return fmt is not None and not isinstance(fmt, TextFormat)
 
 
-def compile_format(fmt: Any) -> CompiledFormat | None:
+def compile_format(fmt: Any, *, timeout_s: float = COMPILE_TIMEOUT_S) -> CompiledFormat | None:
     """The grammar of a constrained format (None for text); raises FormatRejected."""
     if not is_constrained(fmt):
         return None
     if isinstance(fmt, JsonObjectFormat):
-        return CompiledFormat(_checked(_json_grammar(json.dumps({"type": "object"})), "invalid_schema"), True)
+        grammar = _json_grammar(json.dumps({"type": "object"}))
+        return CompiledFormat(_checked(grammar, "invalid_schema", timeout_s), True)
     if isinstance(fmt, JsonSchemaFormat):
         text = json.dumps(fmt.json_schema.schema_, separators=(",", ":"), sort_keys=True)
         _size(text, "schema")
-        return CompiledFormat(_checked(_json_grammar(text), "invalid_schema"), True)
+        return CompiledFormat(_checked(_json_grammar(text), "invalid_schema", timeout_s), True)
     if isinstance(fmt, RegexFormat):
         _size(fmt.pattern, "pattern")
-        return CompiledFormat(_checked(LLMatcher.grammar_from_regex(fmt.pattern), "invalid_regex"), False)
+        return CompiledFormat(_checked(LLMatcher.grammar_from_regex(fmt.pattern), "invalid_regex", timeout_s), False)
     if isinstance(fmt, ChoiceFormat):
-        return CompiledFormat(_checked(_choice_grammar(tuple(fmt.choices)), "invalid_schema"), False)
+        return CompiledFormat(_checked(_choice_grammar(tuple(fmt.choices)), "invalid_schema", timeout_s), False)
     raise FormatRejected("invalid_schema", f"unknown response_format {type(fmt).__name__}")
 
 
@@ -148,8 +149,8 @@ def _choice_grammar(choices: tuple[str, ...]) -> str:
 _COMPILER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="format-compile")
 
 
-def _checked(grammar: str, code: str) -> str:
-    error = _validate_within_timeout(grammar)
+def _checked(grammar: str, code: str, timeout_s: float) -> str:
+    error = _validate_within_timeout(grammar, timeout_s)
     if error is None:
         return grammar
     if error.startswith("Unimplemented keys"):
@@ -159,12 +160,12 @@ def _checked(grammar: str, code: str) -> str:
     raise FormatRejected(code, error[:1000])
 
 
-def _validate_within_timeout(grammar: str) -> str | None:
+def _validate_within_timeout(grammar: str, timeout_s: float) -> str | None:
     future = _COMPILER.submit(_validate, grammar)
     try:
-        return future.result(timeout=COMPILE_TIMEOUT_S)
+        return future.result(timeout=timeout_s)
     except FutureTimeout:
-        raise FormatRejected("schema_too_large", f"the format did not compile within {COMPILE_TIMEOUT_S}s") from None
+        raise FormatRejected("schema_too_large", f"the format did not compile within {timeout_s}s") from None
 
 
 @lru_cache(maxsize=256)
