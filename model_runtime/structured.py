@@ -28,6 +28,7 @@ from typing import Any
 
 import llguidance
 import llguidance.hf
+import numpy as np
 import torch
 from llguidance import LLMatcher
 from llguidance.torch import fill_next_token_bitmask, fill_next_token_bitmask_par
@@ -35,7 +36,6 @@ from llguidance.torch import fill_next_token_bitmask, fill_next_token_bitmask_pa
 from model_runtime.types import RequestError
 
 CACHE_SIZE = 128  # compiled grammars kept per model
-_SHIFTS = torch.arange(32, dtype=torch.int32)
 
 
 class Constraint:
@@ -102,11 +102,17 @@ class RowMasks:
 
     def apply(self, logits: torch.Tensor) -> None:
         """In place: -inf on every token a constrained row's grammar forbids."""
-        index = torch.tensor(self.rows, device=logits.device)
-        bits = self.bitmask[torch.tensor(self.rows)]
-        allowed = ((bits[:, :, None] >> _SHIFTS) & 1).reshape(len(self.rows), -1)[:, : logits.shape[1]]
-        allowed = allowed.to(logits.device, non_blocking=True).bool()
-        logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+        words = self.bitmask.numpy()
+        if len(self.rows) != words.shape[0]:
+            words = words[self.rows]
+        # Bit j of word w is token 32w + j: little-endian bytes, little-endian bits (one numpy call).
+        bits = np.unpackbits(words.view(np.uint8), axis=1, bitorder="little")[:, : logits.shape[1]]
+        forbidden = torch.from_numpy(bits == 0).to(logits.device, non_blocking=True)
+        if self.rows == list(range(logits.shape[0])):
+            logits.masked_fill_(forbidden, float("-inf"))
+            return
+        for i, row in enumerate(self.rows):  # in place, row by row: no gather and scatter of whole rows
+            logits[row].masked_fill_(forbidden[i], float("-inf"))
 
 
 @dataclass
