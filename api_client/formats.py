@@ -108,7 +108,7 @@ def compile_format(fmt: Any, *, timeout_s: float = COMPILE_TIMEOUT_S) -> Compile
         grammar = _json_grammar(json.dumps({"type": "object"}))
         return CompiledFormat(_checked(grammar, "invalid_schema", timeout_s), True)
     if isinstance(fmt, JsonSchemaFormat):
-        text = json.dumps(fmt.json_schema.schema_, separators=(",", ":"), sort_keys=True)
+        text = json.dumps(fmt.json_schema.schema_, separators=(",", ":"))  # key order kept: it is the output's
         _size(text, "schema")
         return CompiledFormat(_checked(_json_grammar(text), "invalid_schema", timeout_s), True)
     if isinstance(fmt, RegexFormat):
