@@ -18,8 +18,9 @@ Only the model thread calls it. Each `step()`:
    resolves those that ended: EOS, their own max_new_tokens or a stop string.
    Rows with a response_format decode under their grammar's token mask, filled
    while the forward runs, and end when the grammar is complete
-   (model_runtime/structured.py). A row that ended is masked work until a quarter of the batch has ended
-   (then `compact`), because freeing its slot copies the whole cache;
+   (model_runtime/structured.py). A row that ended is masked work until a
+   quarter of the batch has ended (then `compact`), because freeing its slot
+   copies the whole cache;
 6. hands each running row's ids so far to its request's `on_progress` hook,
    at most every `progress_interval_s` per request (`RunningBatch.report_progress`).
 
