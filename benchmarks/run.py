@@ -56,6 +56,8 @@ class Plan:
     max_wait_ms: float = 20.0  # the worker's (worker/settings.py)
     fixed_max_new_tokens: int = 16
     thread_choices: list[int] = field(default_factory=lambda: [1, 2])
+    structured_jobs: int = 32  # text jobs for structured_over_free, at the default cap
+    structured_repeats: int = 2
 
 
 def default_cap(caps: list[int]) -> int:
@@ -72,7 +74,7 @@ def plan_for(quick: bool, model: str | None) -> Plan:
         return Plan(model=model or "tiny", engine_jobs=16, caps=caps, fixed_caps=caps, service_jobs=16,
                     celery_jobs=16, latency_long_jobs=cap // 2, idle_jobs=5, idle_mixes=("text", "one_tile"),
                     video_seconds=60, video_repeats=2, video_height=360, images=6, videos=2, max_batch_size=cap,
-                    max_wait_ms=wait)
+                    max_wait_ms=wait, structured_jobs=cap, structured_repeats=1)
     caps = [1, 4, 8, 16, 32]
     cap = default_cap(caps)
     return Plan(model=model or "small", engine_jobs=32, caps=caps, fixed_caps=caps, service_jobs=32,
@@ -179,7 +181,8 @@ def run_all(plan: Plan, out: Path, progress) -> dict[str, Any]:
         grouping = bench_grouping(loaded, prepared["fixed"]["realistic"], cap=cap, max_wait_ms=plan.max_wait_ms)
         phase("structured", f"engine: every row constrained to a JSON schema, then the same jobs free at the same "
                             f"lengths (text mix, cap {cap})")
-        structured = bench_structured(loaded, prepared["per_job"]["text"], cap=cap, knobs=knobs)
+        structured = bench_structured(loaded, prepared["per_job"]["text"][: plan.structured_jobs], cap=cap,
+                                      knobs=knobs, repeats=plan.structured_repeats)
         phase("threads", f"engine: torch threads {plan.thread_choices} (one_tile mix)")
         threads = bench_threads(loaded, prepared["per_job"]["one_tile"], cap=cap, max_wait_ms=plan.max_wait_ms,
                                 choices=plan.thread_choices, knobs=knobs)
