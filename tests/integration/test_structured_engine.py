@@ -22,7 +22,11 @@ from tests.integration.test_engine_continuous import FaultyModel, decode_rows, e
 from tests.structured_cases import check_output, response_formats
 
 FORMATS = response_formats()
-CAP = 64
+def cap(name: str) -> int:
+    """Room for the tiny model's byte-level strings; an open json_object runs to its cap anyway."""
+    return 48 if name == "json_object" else 128
+
+
 PROMPTS = ["Describe the product.", "What is in the photo?", "List it.", "a", "Answer in JSON please.",
            "Read the label", "Colour and size?", "Hello there, what is this?"]
 
@@ -43,8 +47,8 @@ def free(runtime, n: int, max_new_tokens: int = 24) -> Prepared:
 
 def test_every_output_matches_its_format_over_200_jobs_and_11_formats(tiny_runtime):
     names = list(FORMATS)
-    items = [constrained(tiny_runtime, names[n % len(names)], n, max_new_tokens=CAP, sampled=n % 3 == 0)
-             for n in range(220)]
+    items = [constrained(tiny_runtime, names[n % len(names)], n, max_new_tokens=cap(names[n % len(names)]),
+                         sampled=n % 3 == 0) for n in range(220)]
     eng = engine(tiny_runtime, max_batch_size=32)
     outs = eng.run_until_done(items)
     valid: Counter[str] = Counter()
@@ -57,7 +61,7 @@ def test_every_output_matches_its_format_over_200_jobs_and_11_formats(tiny_runti
             assert out.finish_reason == "stop"
             valid[name] += 1
         else:  # cut at max_new_tokens: it says so, and is never claimed valid
-            assert out.finish_reason == "length" and out.completion_tokens == CAP, (name, out)
+            assert out.finish_reason == "length" and out.completion_tokens == cap(name), (name, out)
             cut[name] += 1
     print("\nvalidity per format (valid / jobs, cut at max_new_tokens):")
     for name in names:
