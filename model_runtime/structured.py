@@ -29,11 +29,14 @@ from typing import Any
 import llguidance
 import llguidance.hf
 import numpy as np
+import structlog
 import torch
 from llguidance import LLMatcher
 from llguidance.torch import fill_next_token_bitmask, fill_next_token_bitmask_par
 
 from model_runtime.types import RequestError
+
+log = structlog.get_logger(__name__)
 
 CACHE_SIZE = 128  # compiled grammars kept per model
 
@@ -171,7 +174,12 @@ class StructuredDecoding:
 
     def _fill(self, work: list[tuple[LLMatcher, int]], bitmask: torch.Tensor) -> RowMasks:
         started = time.perf_counter()
-        fill_next_token_bitmask_par(self._executor, work, bitmask)
+        try:
+            fill_next_token_bitmask_par(self._executor, work, bitmask)
+        except Exception as exc:  # noqa: BLE001 - a bug here must fail its rows, not the engine
+            # Unmasked, a row's next token breaks its grammar and `consume_token` fails that row alone.
+            log.error("grammar_mask_failed", rows=len(work), error=repr(exc))
+            return RowMasks([], bitmask)
         self.stats.fill_seconds += time.perf_counter() - started
         return RowMasks([i for _, i in work], bitmask)
 
@@ -187,10 +195,6 @@ class StructuredDecoding:
         started = time.perf_counter()
         masks.apply(logits)
         self.stats.apply_seconds += time.perf_counter() - started
-
-    def close(self) -> None:
-        if self._thread is not None:
-            self._thread.shutdown(wait=True)
 
 
 class GrammarLogitsProcessor:
