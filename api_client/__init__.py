@@ -7,6 +7,15 @@ torch or transformers (a test checks it).
 from api_client.client import JobClient
 from api_client.http_client import HttpJobClient
 from api_client.errors import BrokerUnavailable, JobNotFound, RequestRejected, ServiceError, WaitTimeout
+from api_client.formats import (
+    ChoiceFormat,
+    JsonObjectFormat,
+    JsonSchemaFormat,
+    JsonSchemaSpec,
+    RegexFormat,
+    ResponseFormat,
+    TextFormat,
+)
 from api_client.schema import (
     CallbackSpec,
     ErrorCode,
@@ -25,6 +34,7 @@ from api_client.schema import (
 __all__ = [
     "BrokerUnavailable",
     "CallbackSpec",
+    "ChoiceFormat",
     "ErrorCode",
     "GenerationParams",
     "HttpJobClient",
@@ -36,9 +46,15 @@ __all__ = [
     "JobResult",
     "JobState",
     "JobStatus",
+    "JsonObjectFormat",
+    "JsonSchemaFormat",
+    "JsonSchemaSpec",
     "Message",
+    "RegexFormat",
     "RequestRejected",
+    "ResponseFormat",
     "ServiceError",
+    "TextFormat",
     "TextItem",
     "VideoItem",
     "WaitTimeout",

@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from api_client import keys
 from api_client.dispatch import Dispatcher, producer_app
 from api_client.errors import BrokerUnavailable, JobNotFound, RequestRejected, WaitTimeout
+from api_client.formats import FormatRejected, compile_format
 from api_client.jobstate import JobStore
 from api_client.quotas import Limits, Quotas
 from api_client.schema import MAX_REQUEST_BYTES, JobRequest, JobResult, JobState, JobStatus
@@ -47,7 +48,9 @@ class JobClient:
                limits: Limits | None = None, batch_id: str = "", priority: int | None = None) -> str:
         """Validate, record and enqueue one job; returns its id.
 
-        Raises RequestRejected(code="invalid_request") for a malformed request.
+        Raises RequestRejected(code="invalid_request") for a malformed request, and with the
+        format's own code (invalid_schema, unsupported_schema_feature, invalid_regex,
+        empty_choices, schema_too_large) for a response_format that cannot be enforced.
         Submitting twice with the same idempotency_key returns the first job's id.
         With `limits` (the HTTP API's tenants), the submit is admitted first and a
         refusal (RateLimited, QuotaExceeded) records and enqueues nothing.
@@ -79,6 +82,12 @@ class JobClient:
 
     @staticmethod
     def _validate(request: JobRequest | dict[str, Any] | str) -> JobRequest:
+        req = JobClient._parse(request)
+        check_format(req)
+        return req
+
+    @staticmethod
+    def _parse(request: JobRequest | dict[str, Any] | str) -> JobRequest:
         if isinstance(request, JobRequest):
             return request
         try:
@@ -212,6 +221,14 @@ class JobClient:
             raise BrokerUnavailable(f"Redis unreachable: {exc}") from exc
         except OperationalError as exc:  # kombu could not publish
             raise BrokerUnavailable(f"broker unreachable: {exc}") from exc
+
+
+def check_format(request: JobRequest) -> None:
+    """Refuse a response_format that cannot be enforced (api_client/formats.py), with its own code."""
+    try:
+        compile_format(request.response_format)
+    except FormatRejected as exc:
+        raise RequestRejected(exc.message, code=exc.code) from None
 
 
 def _str(value: bytes | str) -> str:

@@ -34,7 +34,10 @@ from api_client.errors import (
 from api_client.schema import ErrorCode, JobRequest, JobResult, JobState, JobStatus
 
 _SIMPLE = {ErrorCode.invalid_request: RequestRejected, ErrorCode.unauthorized: Unauthorized,
-           ErrorCode.conflict: Conflict, ErrorCode.broker_unavailable: BrokerUnavailable}
+           ErrorCode.conflict: Conflict, ErrorCode.broker_unavailable: BrokerUnavailable,
+           **{code: RequestRejected for code in (ErrorCode.invalid_schema, ErrorCode.unsupported_schema_feature,
+                                                 ErrorCode.invalid_regex, ErrorCode.empty_choices,
+                                                 ErrorCode.schema_too_large)}}
 
 
 def _raise_for(response: httpx.Response) -> None:

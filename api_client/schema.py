@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from api_client.formats import ResponseFormat
+
 # Submit-time limits. The worker checks media-dependent limits again.
 MAX_MESSAGES = 32
 MAX_MEDIA_ITEMS = 16
@@ -43,6 +45,12 @@ class ErrorCode(str, enum.Enum):
     poison = "poison"
     storage_unavailable = "storage_unavailable"
     internal_error = "internal_error"
+    # A response_format that cannot be enforced (api_client/formats.py): refused at submit.
+    invalid_schema = "invalid_schema"
+    unsupported_schema_feature = "unsupported_schema_feature"
+    invalid_regex = "invalid_regex"
+    empty_choices = "empty_choices"
+    schema_too_large = "schema_too_large"
     # Raised by the client or the HTTP API itself, never stored on a job.
     not_found = "not_found"
     broker_unavailable = "broker_unavailable"
@@ -169,6 +177,8 @@ class JobRequest(_Strict):
     priority: int = Field(default=0, ge=0, le=9, description="0 normal .. 9 most urgent")
     deadline: datetime | None = Field(default=None, description="end as expired if not started by then")
     metadata: dict[str, str] = Field(default_factory=dict)
+    response_format: ResponseFormat | None = Field(
+        default=None, description="the output's shape: text (default), json_object, json_schema, regex or choice")
 
     @field_validator("metadata")
     @classmethod
@@ -229,6 +239,11 @@ class JobResult(BaseModel):
     job_id: str
     output_text: str
     finish_reason: Literal["stop", "length"]
+    # With a response_format: output_json is the parsed output when the format is JSON and the output
+    # is complete; output_complete says whether the output matches the format (False: cut at
+    # max_new_tokens, finish_reason "length", never to be taken as valid).
+    output_json: Any | None = None
+    output_complete: bool | None = None
     usage: Usage
     timings: Timings
     batch_size: int

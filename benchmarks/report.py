@@ -166,6 +166,7 @@ def markdown(r: dict[str, Any]) -> str:
                  e2e["celery_task_tokens_per_s"], e2e["celery_task"]["jobs_per_s"], e2e["celery_task"]["tokens"],
                  e2e["celery_task"]["seconds"]]]),
         "", f"ratio: {e2e['ratio']}.",
+        *_structured_section(r.get("structured_over_free")),
         "", "### idle_latency_overhead_ms (one job at a time: submit → result, minus generate)", "",
         _table(["mix", "jobs", "p50 ms", "p99 ms", "queued p50", "preprocess p50", "batch wait p50",
                 "after generate p50", "max_wait_ms"],
@@ -244,6 +245,24 @@ def write_report(r: dict[str, Any], directory: Path) -> Path:
         text = f"# Benchmarks\n\n{block}\n"
     path.write_text(text)
     return path
+
+
+def _structured_section(x: dict[str, Any] | None) -> list[str]:
+    if not x:
+        return []
+    step = x["per_step_ms"]
+    return [
+        "", (f"### structured_over_free ({x['jobs']} text jobs, cap {x['cap']}, every row constrained to a JSON "
+             f"schema, then the same jobs free at the same lengths; vocabulary {x['vocab_width']})"), "",
+        _table(["run", "tokens/s", "tokens"],
+               [["constrained (llguidance masks)", x["constrained_tokens_per_s"], x["tokens"]],
+                ["free, each job pinned to its constrained twin's length", x["free_tokens_per_s"], x["tokens"]]]),
+        "", (f"ratio: {x['ratio']} (target 0.8). Per decode step with constrained rows ({step['constrained_rows']} "
+             f"on average): mask fill {step['mask_fill']} ms on its own thread during the forward, wait after the "
+             f"forward {step['mask_wait_after_forward']} ms, apply {step['mask_apply']} ms; a decode step "
+             f"{x['decode_step_ms']} ms. Valid {x['valid']}, cut at max_new_tokens {x['cut_at_max_new_tokens']}. "
+             f"Schema: {x['schema']}."),
+    ]
 
 
 def summary(r: dict[str, Any]) -> str:

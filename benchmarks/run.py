@@ -56,6 +56,8 @@ class Plan:
     max_wait_ms: float = 20.0  # the worker's (worker/settings.py)
     fixed_max_new_tokens: int = 16
     thread_choices: list[int] = field(default_factory=lambda: [1, 2])
+    structured_jobs: int = 32  # text jobs for structured_over_free, at the default cap
+    structured_repeats: int = 2
 
 
 def default_cap(caps: list[int]) -> int:
@@ -72,7 +74,7 @@ def plan_for(quick: bool, model: str | None) -> Plan:
         return Plan(model=model or "tiny", engine_jobs=16, caps=caps, fixed_caps=caps, service_jobs=16,
                     celery_jobs=16, latency_long_jobs=cap // 2, idle_jobs=5, idle_mixes=("text", "one_tile"),
                     video_seconds=60, video_repeats=2, video_height=360, images=6, videos=2, max_batch_size=cap,
-                    max_wait_ms=wait)
+                    max_wait_ms=wait, structured_jobs=cap, structured_repeats=1)
     caps = [1, 4, 8, 16, 32]
     cap = default_cap(caps)
     return Plan(model=model or "small", engine_jobs=32, caps=caps, fixed_caps=caps, service_jobs=32,
@@ -127,6 +129,7 @@ def run_all(plan: Plan, out: Path, progress) -> dict[str, Any]:
     from benchmarks.mixes import build_media, build_mixes, write_media
     from benchmarks.report import machine_facts
     from benchmarks.service_bench import Service, ServiceConfig
+    from benchmarks.structured_bench import bench_structured
     from benchmarks.video_bench import bench_video
 
     started = time.perf_counter()
@@ -176,6 +179,10 @@ def run_all(plan: Plan, out: Path, progress) -> dict[str, Any]:
         phase("padding", "engine: padding with FIFO and with cost-aware grouping (static, realistic mix, "
                          f"max_new_tokens {plan.fixed_max_new_tokens})")
         grouping = bench_grouping(loaded, prepared["fixed"]["realistic"], cap=cap, max_wait_ms=plan.max_wait_ms)
+        phase("structured", f"engine: every row constrained to a JSON schema, then the same jobs free at the same "
+                            f"lengths (text mix, cap {cap})")
+        structured = bench_structured(loaded, prepared["per_job"]["text"][: plan.structured_jobs], cap=cap,
+                                      knobs=knobs, repeats=plan.structured_repeats)
         phase("threads", f"engine: torch threads {plan.thread_choices} (one_tile mix)")
         threads = bench_threads(loaded, prepared["per_job"]["one_tile"], cap=cap, max_wait_ms=plan.max_wait_ms,
                                 choices=plan.thread_choices, knobs=knobs)
@@ -257,6 +264,7 @@ def run_all(plan: Plan, out: Path, progress) -> dict[str, Any]:
             "mix": "one_tile", "service": e2e_service, "celery_task": e2e_celery, "repeats": plan.service_repeats,
         },
         "api_over_direct": api_direct,
+        "structured_over_free": structured,
         "idle_latency_overhead_ms": {"max_wait_ms": plan.max_wait_ms, "by_mix": idle,
                                      "p50": idle["one_tile"]["p50"], "p99": idle["one_tile"]["p99"]},
         "padding_waste": grouping,
@@ -298,6 +306,7 @@ def targets(r: dict[str, Any], cap: str, top: str, max_wait_ms: float) -> dict[s
             r["short_job_latency"]["static_p50_over_continuous_p50"], 2.0),
         "end_to_end_over_celery_task": check(r["end_to_end_over_celery_task"]["ratio"], 2.0),
         "api_over_direct": check(r["api_over_direct"]["ratio"], 0.9),
+        "structured_over_free": check(r["structured_over_free"]["ratio"], 0.8),
         "batched_over_sequential_one_tile_default_cap": check(r["batched_over_sequential"]["one_tile"][cap], 3.0),
         "service_over_engine_min": check(min(r["service_over_engine"].values()), 0.85),
         "engine_busy_fraction_min": check(min(r["engine_busy_fraction"].values()), 0.9),

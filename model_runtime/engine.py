@@ -18,6 +18,8 @@ and a generate failure is a worker fault, not a request fault. A request
 already cancelled or past its deadline when its batch starts does not run:
 it gets `RequestCancelled` / `DeadlineExceeded`. It reports no progress while a
 batch generates: it never calls `Prepared.on_progress` (only the continuous engine does).
+Requests with a response_format (`Prepared.constraint`) batch apart from free ones and decode
+through a logits processor that masks each row by its own grammar (model_runtime/structured.py).
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ class Engine:
     def generate_batch(self, items: list[Prepared]) -> list[Output | Exception]:
         """One result per item, in the same order: its `Output`, or the exception for it alone."""
         results: dict[int, Output | Exception] = {}  # by position in `items`
-        groups: dict[Sampling, list[int]] = {}
+        groups: dict[tuple[Sampling, bool], list[int]] = {}
         now = time.monotonic()
         for position, item in enumerate(items):
             if item.cancelled is not None and item.cancelled():
@@ -79,7 +81,7 @@ class Engine:
             elif item.deadline is not None and now >= item.deadline:
                 results[position] = DeadlineExceeded(f"{item.request_id} reached its deadline before it ran")
             else:
-                groups.setdefault(item.sampling, []).append(position)
+                groups.setdefault((item.sampling, item.constraint is not None), []).append(position)
         for positions in groups.values():
             # Never exceed the batch size the warm-up proved fits.
             for start in range(0, len(positions), self.max_batch_size):
@@ -143,7 +145,8 @@ class Engine:
         params = item.sampling
         kwargs: dict[str, Any] = {
             "max_new_tokens": params.max_new_tokens,
-            "min_new_tokens": params.min_new_tokens or None,
+            # Under a grammar, the grammar alone decides when EOS may come.
+            "min_new_tokens": None if item.constraint is not None else params.min_new_tokens or None,
             "do_sample": params.do_sample,
             "repetition_penalty": params.repetition_penalty,
             "pad_token_id": self.pad_id,
@@ -177,7 +180,15 @@ class Engine:
         with torch.inference_mode():
             if params.do_sample and params.seed is not None:
                 torch.manual_seed(params.seed)  # one group = one Sampling, so one seed
-            generated = self.model.generate(**inputs, **self._generation_kwargs(items[0]))
+            kwargs = self._generation_kwargs(items[0])
+            if any(item.constraint is not None for item in items):
+                from transformers import LogitsProcessorList
+
+                from model_runtime.structured import GrammarLogitsProcessor
+
+                kwargs["logits_processor"] = LogitsProcessorList([GrammarLogitsProcessor(
+                    [item.constraint for item in items], longest, self.loaded.grammars.width)])
+            generated = self.model.generate(**inputs, **kwargs)
         seconds = time.perf_counter() - started
 
         new_tokens = generated[:, longest:].tolist()
@@ -213,6 +224,8 @@ class Engine:
             batch_size=batch_size,
             padding_tokens=longest - int(item.input_ids.shape[0]),
             token_ids=kept,
+            grammar_complete=None if item.constraint is None else
+            cut is None and item.constraint.accepts(kept),  # a stop string's cut is not what the grammar saw
         )
 
     def _decode(self, tokens: list[int]) -> str:

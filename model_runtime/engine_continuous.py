@@ -16,8 +16,11 @@ Only the model thread calls it. Each `step()`:
    (`RunningBatch.concatenate`);
 5. decodes one token for every running row, each with its own sampling, and
    resolves those that ended: EOS, their own max_new_tokens or a stop string.
-   A row that ended is masked work until a quarter of the batch has ended
-   (then `compact`), because freeing its slot copies the whole cache;
+   Rows with a response_format decode under their grammar's token mask, filled
+   while the forward runs, and end when the grammar is complete
+   (model_runtime/structured.py). A row that ended is masked work until a
+   quarter of the batch has ended (then `compact`), because freeing its slot
+   copies the whole cache;
 6. hands each running row's ids so far to its request's `on_progress` hook,
    at most every `progress_interval_s` per request (`RunningBatch.report_progress`).
 
@@ -43,8 +46,11 @@ from model_runtime.running_batch import ContinuousStats, Joining, Row, RunningBa
 from model_runtime.engine_memory import MemoryPolicy, as_failure
 from model_runtime.prefill import chunk_prefill, embed_prompt, image_features, packed_prefill
 from model_runtime.sampling import choose_tokens, new_generator
+from model_runtime.structured import StructuredDecoding
 from model_runtime.text import cut_at_stop, decode_text
-from model_runtime.types import DeadlineExceeded, Output, Prepared, RequestCancelled, TooLargeForGPU
+from model_runtime.types import (
+    DeadlineExceeded, GenerationFailed, Output, Prepared, RequestCancelled, TooLargeForGPU,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -73,6 +79,7 @@ class ContinuousEngine(MemoryPolicy):
         eos = self.tokenizer.eos_token_id if eos is None else eos
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos])
         self.stats = ContinuousStats()
+        self.structured = StructuredDecoding(loaded.grammars)  # rows with a response_format
         self._waiting: deque[tuple[Prepared, float]] = deque()  # (request, added_at)
         self._joining: list[Joining] = []
         self._running: RunningBatch | None = None
@@ -204,7 +211,9 @@ class ContinuousEngine(MemoryPolicy):
             self._waiting.popleft()
             row = Row(prepared=prepared, prompt_ids=prepared.input_ids.to(self.device),
                       generator=new_generator(prepared.sampling, self.device), added_at=added_at,
-                      admitted_at=time.monotonic())
+                      admitted_at=time.monotonic(),
+                      # A fresh matcher also when a preempted row is recomputed: reset, then replayed.
+                      matcher=prepared.constraint.matcher() if prepared.constraint is not None else None)
             self._joining.append(Joining(row))
 
     # ------------------------------------------------------------ 3. vision tower
@@ -314,7 +323,7 @@ class ContinuousEngine(MemoryPolicy):
     def _start_decoding(self, joining: Joining, logits: torch.Tensor, finished: list[Finished]) -> None:
         row = joining.row
         token = choose_tokens(logits, [row.prepared.sampling], [row.seen], [row.generator], generated=[0],
-                              eos_ids=self.eos_ids)[0]
+                              eos_ids=self.eos_ids, masks=self.structured.now(row.matcher))[0]
         if self._advance(row, token, finished):
             return
         self._ready.append(RunningBatch.from_prefill(row, joining.cache, int(joining.ready_embeds.shape[1]), token))
@@ -336,6 +345,7 @@ class ContinuousEngine(MemoryPolicy):
         batch = self._running
         if batch is None:
             return
+        pending = self.structured.start([r.matcher for r in batch.rows], batch.alive)  # fills during the forward
         try:
             logits = batch.decode(self.model)
         except torch.cuda.OutOfMemoryError:
@@ -351,7 +361,7 @@ class ContinuousEngine(MemoryPolicy):
         rows = batch.rows  # retired ones included: their tokens are computed and ignored
         tokens = choose_tokens(logits, [r.prepared.sampling for r in rows], [r.seen for r in rows],
                                [r.generator for r in rows], generated=[len(r.generated) for r in rows],
-                               eos_ids=self.eos_ids)
+                               eos_ids=self.eos_ids, masks=pending.wait(), apply_masks=self.structured.apply)
         batch.set_next(tokens)
         for index, row in batch.live():
             if self._advance(row, tokens[index], finished):
@@ -376,11 +386,18 @@ class ContinuousEngine(MemoryPolicy):
             finished.append((row.prepared, row.output(self.tokenizer, "stop", completion=len(row.generated) + 1)))
             return True
         row.generated.append(token)
+        if row.matcher is not None and not row.matcher.consume_token(token):  # the mask allowed it: a bug
+            finished.append((row.prepared, GenerationFailed(f"grammar refused token {token}: "
+                                                            f"{row.matcher.get_error()[:300]}")))
+            return True
         if sampling.stop:
             text = decode_text(self.tokenizer, row.generated)
             if (cut := cut_at_stop(text, sampling.stop)) is not None:
                 finished.append((row.prepared, row.output(self.tokenizer, "stop", text=cut)))
                 return True
+        if row.matcher is not None and row.matcher.is_stopped():  # complete: only EOS could follow
+            finished.append((row.prepared, row.output(self.tokenizer, "stop")))
+            return True
         if len(row.generated) >= sampling.max_new_tokens:
             finished.append((row.prepared, row.output(self.tokenizer, "length")))
             return True

@@ -33,6 +33,7 @@ class Loaded:
     attn_implementation: str
     load_seconds: float
     quantization: str = "none"
+    grammars: Any = None  # model_runtime.structured.Grammars: llguidance's tokenizer, built once here
 
     @property
     def context_length(self) -> int:
@@ -144,6 +145,9 @@ def load_runtime(
         processor.tokenizer.pad_token = processor.tokenizer.eos_token
 
     _prime_processor(processor)
+    from model_runtime.structured import build_grammars
+
+    grammars = build_grammars(processor.tokenizer, net)
 
     seconds = time.perf_counter() - started
     log.info(
@@ -152,7 +156,7 @@ def load_runtime(
     )
     return Loaded(
         model=net, processor=processor, model_id=model, device=device, dtype=dtype,
-        attn_implementation=attention, load_seconds=seconds, quantization=quantization,
+        attn_implementation=attention, load_seconds=seconds, quantization=quantization, grammars=grammars,
     )
 
 

@@ -46,6 +46,7 @@ class Row:
     text: str = ""  # decoded output so far, kept only for rows with stop strings
     progress_at: float | None = None  # when its hook was last called (or its first decode step)
     progress_off: bool = False  # its hook raised: not called again
+    matcher: Any = None  # its grammar's llguidance matcher (model_runtime/structured.py), if it has a format
 
     @property
     def request_id(self) -> str:
@@ -65,6 +66,8 @@ class Row:
             padding_tokens=0,
             token_ids=list(self.generated),
             wait_ms=(self.admitted_at - self.added_at) * 1000.0,
+            # A text cut at a stop string is not what the grammar saw: never claimed complete.
+            grammar_complete=None if self.matcher is None else text is None and self.matcher.is_accepting(),
         )
 
     def seen(self) -> torch.Tensor:

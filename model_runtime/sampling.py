@@ -9,11 +9,14 @@ neighbours are. Stop strings are checked on the decoded text (model_runtime/text
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from model_runtime.types import Sampling
+
+if TYPE_CHECKING:
+    from model_runtime.structured import RowMasks
 
 
 def new_generator(sampling: Sampling, device: Any) -> torch.Generator | None:
@@ -56,15 +59,23 @@ def _top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
 
 def choose_tokens(logits: torch.Tensor, samplings: list[Sampling], seen: list[Callable[[], torch.Tensor]],
                   generators: list[torch.Generator | None], *, generated: list[int] | None = None,
-                  eos_ids: set[int] | frozenset[int] = frozenset()) -> list[int]:
+                  eos_ids: set[int] | frozenset[int] = frozenset(), masks: RowMasks | None = None,
+                  apply_masks: Callable[[RowMasks, torch.Tensor], None] | None = None) -> list[int]:
     """One next token per row of `logits` (rows × vocab), each row by its own settings.
 
     `seen[row]()` gives the row's ids so far (asked only for rows with a repetition penalty);
     `generated[row]` counts the row's tokens so far: below its min_new_tokens, EOS is masked.
+    `masks` (structured output) forbid, on their rows only, what the row's grammar does not allow,
+    before anything else; on those rows the grammar alone decides when EOS may come.
     """
     logits = logits.float()
+    if masks is not None and apply_masks is not None:
+        apply_masks(masks, logits)  # timed by its caller
+    elif masks is not None:
+        masks.apply(logits)
+    constrained = set(masks.rows) if masks is not None else set()
     if generated is not None and eos_ids:
-        early = [row for row, s in enumerate(samplings) if generated[row] < s.min_new_tokens]
+        early = [row for row, s in enumerate(samplings) if generated[row] < s.min_new_tokens and row not in constrained]
         if early:
             logits[torch.tensor(early)[:, None], torch.tensor(sorted(eos_ids))[None, :]] = float("-inf")
     chosen = logits.argmax(dim=-1).tolist()

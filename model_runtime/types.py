@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Literal
 if TYPE_CHECKING:
     import torch
 
+    from model_runtime.structured import Constraint
+
 __all__ = [
     "RUNTIME_ERROR_CODES", "RequestError", "TooLargeForGPU", "RequestCancelled", "DeadlineExceeded",
     "GenerationFailed", "Sampling", "Prepared", "Output", "FinishReason",
@@ -26,7 +28,7 @@ FinishReason = Literal["stop", "length"]  # "stop": EOS or a stop string; "lengt
 
 # Every `code` a runtime error carries; each is also a wire ErrorCode (a test checks).
 RUNTIME_ERROR_CODES = frozenset({
-    "invalid_request", "invalid_media", "media_too_large", "prompt_too_long", "too_large_for_gpu",
+    "invalid_request", "invalid_media", "media_too_large", "prompt_too_long", "too_large_for_gpu", "invalid_schema",
 })
 
 
@@ -96,7 +98,8 @@ class Prepared:
     so far (a tuple of its own), at most every `progress_interval_s` and never
     once the request has ended; it must only hand them over (the continuous
     engine calls it; the static engine does not). If it raises, it is logged and
-    not called again, and the request decodes on.
+    not called again, and the request decodes on. `constraint`, if set
+    (model_runtime/structured.py), is the grammar its output must match.
     """
 
     request_id: str
@@ -111,6 +114,7 @@ class Prepared:
     deadline: float | None = None
     cancelled: Callable[[], bool] | None = None
     on_progress: Callable[[Sequence[int]], None] | None = None
+    constraint: Constraint | None = None
 
     @property
     def tiles(self) -> int:
@@ -132,3 +136,4 @@ class Output:
     padding_tokens: int  # pad positions its prompt was given by neighbours (0 in the continuous engine)
     token_ids: list[int] = field(default_factory=list)  # generated ids, stop token excluded
     wait_ms: float = 0.0  # continuous: from add() to admission
+    grammar_complete: bool | None = None  # with a constraint: the output matches its grammar (None: no constraint)

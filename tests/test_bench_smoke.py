@@ -16,7 +16,7 @@ import pytest
 HEADLINES = ("batched_over_sequential", "continuous_over_sequential", "continuous_over_static", "batching_never_slower",
              "decode_stall_ms", "fixed_lengths", "short_job_latency", "service_over_engine", "engine_busy_fraction",
              "end_to_end_over_celery_task", "api_over_direct", "idle_latency_overhead_ms", "padding_waste",
-             "video_sampling_speedup")
+             "video_sampling_speedup", "structured_over_free")
 MIXES = {"text", "one_tile", "many_tiles", "video8", "realistic"}
 CAPS = {"1", "8"}
 TARGETS = {
@@ -24,6 +24,7 @@ TARGETS = {
     "continuous_over_sequential_realistic_largest_cap", "batching_never_slower",
     "continuous_over_static_realistic_default_cap", "short_job_latency_static_p50_over_continuous_p50",
     "end_to_end_over_celery_task", "api_over_direct", "batched_over_sequential_one_tile_default_cap",
+    "structured_over_free",
     "service_over_engine_min",
     "engine_busy_fraction_min", "idle_latency_overhead_p50_ms", "padding_waste_cut_by_grouping",
     "video_sampling_speedup"}
@@ -51,6 +52,9 @@ def test_quick_bench_prints_one_json_object_with_every_headline(tmp_path: Path) 
     api = result["api_over_direct"]
     assert api["ratio"] > 0 and api["api"]["redis_commands_per_job"] > 0 and api["direct"]["jobs"] == api["jobs"]
     assert api["progress"]["enabled"] and api["progress"]["commands_per_job_off"] > 0
+    structured = result["structured_over_free"]
+    assert structured["ratio"] > 0 and structured["valid"] + structured["cut_at_max_new_tokens"] == structured["jobs"]
+    assert {"mask_fill", "mask_wait_after_forward", "mask_apply"} <= set(structured["per_step_ms"])
     _by_mix_and_cap(result["batched_over_sequential"])
     _by_mix_and_cap(result["continuous_over_sequential"])
     assert set(result["continuous_over_static"]) == MIXES

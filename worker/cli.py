@@ -56,6 +56,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         request["idempotency_key"] = args.idempotency_key
     if args.priority:
         request["priority"] = args.priority
+    if (response_format := _response_format(args)) is not None:
+        request["response_format"] = response_format
     client = _client(args)
     try:
         job_id = client.submit(request)
@@ -73,6 +75,21 @@ def cmd_submit(args: argparse.Namespace) -> int:
     else:
         print(job_id)
     return 0
+
+
+def _response_format(args: argparse.Namespace) -> dict[str, Any] | None:
+    """--json-schema FILE, --choice a,b,c or --regex P (at most one) as a response_format."""
+    if args.json_schema:
+        with open(args.json_schema, encoding="utf-8") as f:
+            schema = json.load(f)
+        name = os.path.splitext(os.path.basename(args.json_schema))[0]
+        name = "".join(c if c.isalnum() or c in "_-" else "_" for c in name)[:64] or "schema"
+        return {"type": "json_schema", "json_schema": {"name": name, "schema": schema}}
+    if args.choice is not None:
+        return {"type": "choice", "choices": [c for c in args.choice.split(",") if c] if args.choice else []}
+    if args.regex is not None:
+        return {"type": "regex", "pattern": args.regex}
+    return None
 
 
 def _finish(status: Any, as_json: bool) -> int:
@@ -318,6 +335,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--callback-event", action="append", choices=["running", "succeeded", "failed", "cancelled"])
     sp.add_argument("--idempotency-key")
     sp.add_argument("--priority", type=int, default=0)
+    shape = sp.add_mutually_exclusive_group()
+    shape.add_argument("--json-schema", metavar="FILE", help="the output is JSON matching this JSON Schema file")
+    shape.add_argument("--choice", metavar="A,B,C", help="the output is exactly one of these")
+    shape.add_argument("--regex", metavar="P", help="the whole output matches this regex")
     sp.add_argument("--wait", action="store_true")
     sp.add_argument("--timeout", type=float, default=None)
     for name, fn, help_ in (("status", cmd_status, "show a job's state"), ("result", cmd_result, "print a result"),

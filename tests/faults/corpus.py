@@ -117,3 +117,27 @@ def image(url: str) -> dict:
 
 def video(url: str, **kw) -> dict:
     return {"type": "video", "url": url, **kw}
+
+
+def schema_format(schema: dict) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": "case", "schema": schema}}
+
+
+def format_cases() -> dict[str, tuple[dict, str]]:
+    """response_formats that cannot be enforced: name -> (response_format, the code it is refused with)."""
+    big_enum = [f"value-{i:05d}-" + "x" * 40 for i in range(800)]  # ~40 KB: over the schema size limit
+    return {
+        "schema: unknown type": (schema_format({"type": "bogus"}), "invalid_schema"),
+        "schema: dangling $ref": (schema_format({"$ref": "#/$defs/missing"}), "invalid_schema"),
+        "schema: pattern not a regex": (schema_format({"type": "string", "pattern": "a(("}), "invalid_schema"),
+        "schema: uniqueItems": (schema_format({"type": "array", "uniqueItems": True}), "unsupported_schema_feature"),
+        "schema: not": (schema_format({"not": {"type": "null"}}), "unsupported_schema_feature"),
+        "schema: if/then/else": (schema_format({"if": {"type": "string"}, "then": {"maxLength": 3},
+                                                "else": {"type": "number"}}), "unsupported_schema_feature"),
+        "regex: unclosed group": ({"type": "regex", "pattern": "a(b"}, "invalid_regex"),
+        "regex: bad repetition": ({"type": "regex", "pattern": "*a"}, "invalid_regex"),
+        "choice: empty list": ({"type": "choice", "choices": []}, "empty_choices"),
+        "choice: an empty string": ({"type": "choice", "choices": ["yes", ""]}, "empty_choices"),
+        "schema: 40 KB enum": (schema_format({"enum": big_enum}), "schema_too_large"),
+        "choice: 1000 choices": ({"type": "choice", "choices": [f"c{i}" for i in range(1000)]}, "schema_too_large"),
+    }

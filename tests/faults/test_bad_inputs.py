@@ -1,7 +1,8 @@
 """A corpus of malformed and hostile inputs: each gets its stable code, and the worker keeps serving.
 
 Table-driven. Three places refuse input:
-- submit: JobClient raises RequestRejected(invalid_request) before anything is recorded;
+- submit: JobClient raises RequestRejected(invalid_request) before anything is recorded, or
+  the code of a response_format that cannot be enforced (invalid_schema, ...);
 - worker: the job ends `failed` with a stable code, alone (its batch neighbours succeed);
 - queue: a raw message that is not ours (pickle, garbage, unknown job) is refused or dropped,
   nothing is executed, and the next job is served.
@@ -138,6 +139,10 @@ def test_bad_input_corpus(svc):
         with pytest.raises(RequestRejected) as info:
             client.submit(req)
         rows.append((name, "submit", "invalid_request", info.value.code.value))
+    for name, (response_format, code) in C.format_cases().items():
+        with pytest.raises(RequestRejected) as info:
+            client.submit({**C.user(C.text("as JSON")), "response_format": response_format})
+        rows.append((f"response_format {name}", "submit", code, info.value.code.value))
     assert not list(redis.scan_iter(keys.job_pattern())), "a rejected request left a record"
 
     cases = worker_cases(s3, svc["media_root"])
@@ -266,6 +271,7 @@ def api_cases(svc) -> list[tuple[str, str, str, str]]:
     tenants = TenantRegistry.for_keys({"mine": mine, "theirs": theirs})
     client = svc["client"]
     other_job = client.submit(JobRequest.simple("theirs"), tenant="theirs")
+    expected_formats: dict[str, str] = {}
     ok = C.user(C.text("hi"))
     cases: dict[str, tuple[str, str, dict]] = {
         "no Authorization header": ("POST", "/v1/jobs", {"json": ok, "key": None}),
@@ -283,14 +289,22 @@ def api_cases(svc) -> list[tuple[str, str, str, str]]:
         "batch: one line not JSON": ("POST", "/v1/batches", {"content": b"{\n", "type": "application/jsonl"}),
         "batch: input_url file:///etc/passwd": ("POST", "/v1/batches", {"json": {"input_url": "file:///etc/passwd"}}),
     }
-    expected = {"no Authorization header": "401 unauthorized", "forged key": "401 unauthorized",
+    for name, (response_format, code) in C.format_cases().items():  # 422 with the format's own code
+        cases[f"response_format {name}"] = ("POST", "/v1/jobs", {"json": {**ok, "response_format": response_format}})
+        expected_format = f"422 {code}"
+        cases[f"batch line: response_format {name}"] = ("POST", "/v1/batches", {"content": json.dumps(
+            {"custom_id": "a", "request": {**ok, "response_format": response_format}}).encode() + b"\n",
+            "type": "application/jsonl"})
+        expected_formats[f"response_format {name}"] = expected_format
+        expected_formats[f"batch line: response_format {name}"] = "422 invalid_request"
+    expected: dict[str, str] = {"no Authorization header": "401 unauthorized", "forged key": "401 unauthorized",
                 "Basic instead of Bearer": "401 unauthorized", "body not JSON": "400 invalid_request",
                 "body a JSON array": "400 invalid_request", "body over the limit": "413 invalid_request",
                 "unknown field": "422 invalid_request", "Idempotency-Key with spaces": "422 invalid_request",
                 "another tenant's job": "404 not_found", "another tenant's job, cancel": "404 not_found",
                 "a job id with ../": "404 not_found", "batch: empty file": "422 invalid_request",
                 "batch: one line not JSON": "422 invalid_request",
-                "batch: input_url file:///etc/passwd": "422 forbidden_url"}
+                "batch: input_url file:///etc/passwd": "422 forbidden_url", **expected_formats}
     before = len(list(client.redis.scan_iter(keys.job_pattern())))
     routes = BatchRoutes(open_store(f"file://{svc['base'] / 'api-store'}"), max_body_bytes=1024 * 1024)
     rows = []

@@ -146,3 +146,25 @@ def test_results_before_the_batch_completes_are_a_conflict(api, redis_url, redis
         [result] = client.batch_results(batch_id)
     assert status["counts"]["cancelled"] == 1
     assert (result["state"], result["error"]["code"], result["output"]) == ("cancelled", "cancelled", None)
+
+
+def test_batch_lines_carry_a_response_format_and_the_results_its_json(api):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    formats = [{"type": "json_schema", "json_schema": {"name": "ok", "schema": schema}},
+               {"type": "choice", "choices": ["yes", "no"]}, None]
+    lines = []
+    for i, fmt in enumerate(formats):
+        entry = line(i)
+        entry["request"]["generation"]["max_new_tokens"] = 32
+        if fmt is not None:
+            entry["request"]["response_format"] = fmt
+        lines.append(entry)
+    with HttpJobClient(api, ACME) as client:
+        accepted = client.submit_batch(lines)
+        _wait_completed(client, accepted["batch_id"])
+        results = {r["custom_id"]: r for r in client.batch_results(accepted["batch_id"])}
+    assert results["c-0"]["output_complete"] and results["c-0"]["output_json"] == json.loads(results["c-0"]["output"])
+    assert results["c-1"]["output_complete"] and results["c-1"]["output"] in ("yes", "no")
+    assert "output_json" not in results["c-1"] or results["c-1"]["output_json"] is None
+    assert "output_complete" not in results["c-2"]

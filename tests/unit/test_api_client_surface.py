@@ -17,6 +17,9 @@ PUBLIC = {
     "BrokerUnavailable", "CallbackSpec", "ErrorCode", "GenerationParams", "HttpJobClient", "ImageItem", "JobClient",
     "JobError", "JobNotFound", "JobRequest", "JobResult", "JobState", "JobStatus", "Message", "RequestRejected",
     "ServiceError", "TextItem", "VideoItem", "WaitTimeout",
+    # response_format (api_client/formats.py)
+    "ResponseFormat", "TextFormat", "JsonObjectFormat", "JsonSchemaFormat", "JsonSchemaSpec", "RegexFormat",
+    "ChoiceFormat",
 }
 
 
@@ -50,6 +53,20 @@ def test_schema_refuses_malformed_requests(bad):
         JobRequest.model_validate(bad)
     with pytest.raises(RequestRejected) as info:
         JobClient._validate(bad)
+    assert info.value.code == "invalid_request"
+
+
+@pytest.mark.parametrize("fmt", [
+    {"type": "json_schema", "json_schema": {"name": "x"}},                       # no schema
+    {"type": "json_schema", "json_schema": {"name": "bad name!", "schema": {}}},  # name pattern
+    {"type": "regex"},                                                           # no pattern
+    {"type": "choice", "choices": "yes,no"},                                     # not a list
+    {"type": "grammar", "grammar": "start: x"},                                  # unknown type
+    {"type": "json_object", "schema": {}},                                       # unknown field
+])
+def test_malformed_response_formats_are_invalid_requests(fmt):
+    with pytest.raises(RequestRejected) as info:
+        JobClient._validate({"messages": [{"role": "user", "content": "hi"}], "response_format": fmt})
     assert info.value.code == "invalid_request"
 
 

@@ -35,7 +35,7 @@ from api_client.errors import (
     RequestRejected,
     ServiceError,
 )
-from api_client.schema import MAX_REQUEST_BYTES, ErrorCode, JobResult, JobStatus
+from api_client.schema import MAX_REQUEST_BYTES, ErrorCode, JobRequest, JobResult, JobStatus
 from worker.http.batch_routes import BatchRoutes
 from worker.http.events import event_stream
 from worker.http.tenants import Tenant, TenantRegistry
@@ -62,6 +62,7 @@ def create_api(redis_url: str, tenants: TenantRegistry, *, batches: BatchRoutes 
                   description="Queued InternVL jobs over images and videos in object storage.\n\n"
                               "Errors are `{\"error\": {\"code\", \"message\"}}`:\n\n" + ERRORS_DOC)
     app.state.client, app.state.tenants = client, tenants
+    _document_job_request(app)
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
@@ -101,7 +102,8 @@ def create_api(redis_url: str, tenants: TenantRegistry, *, batches: BatchRoutes 
         if client.jobs.tenant_of(job_id) != tenant.name:
             raise JobNotFound(job_id)
 
-    @app.post("/v1/jobs", status_code=202, summary="Submit a job (a JobRequest)")
+    @app.post("/v1/jobs", status_code=202, summary="Submit a job (a JobRequest)", openapi_extra={"requestBody": {
+        "required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/JobRequest"}}}}})
     async def submit(request: Request, authorization: Auth = None,
                      idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None) -> JSONResponse:
         tenant = tenant_of(authorization)
@@ -175,3 +177,20 @@ def create_api(redis_url: str, tenants: TenantRegistry, *, batches: BatchRoutes 
     app.router.on_shutdown.append(client.close)
     app.router.on_shutdown.append(aio.aclose)
     return app
+
+
+def _document_job_request(app: FastAPI) -> None:
+    """/v1/jobs reads its body itself (size cap first, then JobClient's checks), so OpenAPI is told its schema."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        spec = build()  # FastAPI keeps it in app.openapi_schema: amended once
+        request = JobRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+        for name, schema in {**request.pop("$defs", {}), "JobRequest": request}.items():
+            schemas.setdefault(name, schema)
+        return spec
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -27,7 +27,7 @@ import structlog
 from pydantic import ValidationError
 
 from api_client import keys
-from api_client.client import JobClient
+from api_client.client import JobClient, check_format
 from api_client.errors import JobNotFound, RequestRejected
 from api_client.jobstate import as_text
 from api_client.schema import CallbackSpec, JobRequest
@@ -91,6 +91,10 @@ def _check(text: str, seen: set[str]) -> tuple[str, str | None, str]:
     except ValidationError as exc:
         first = exc.errors()[0]
         return f"{'.'.join(str(p) for p in first['loc']) or 'request'}: {first['msg']}", custom_id, ""
+    try:
+        check_format(request)
+    except RequestRejected as exc:
+        return f"response_format: {exc}", custom_id, ""  # "<code>: <message>"
     return "", custom_id, request.model_dump_json(exclude_none=True)
 
 
@@ -202,6 +206,8 @@ class Batches:
                     "output": done["output_text"] if done else None,
                     "error": {"code": code or "expired", "message": message} if state != "succeeded" else None,
                     "usage": done["usage"] if done else None,
+                    **({"output_json": done.get("output_json"), "output_complete": done["output_complete"]}
+                       if done and done.get("output_complete") is not None else {}),  # a response_format's
                 }, ensure_ascii=False, separators=(",", ":")) + "\n")
             out.flush()
             url = store.put_file(f"batches/{batch_id}/results.jsonl", Path(out.name))

@@ -17,6 +17,8 @@ STATUS_OF: dict[ErrorCode, int] = {
     ErrorCode.invalid_request: 422, ErrorCode.forbidden_url: 422, ErrorCode.media_not_found: 422,
     ErrorCode.unauthorized: 401, ErrorCode.not_found: 404, ErrorCode.conflict: 409, ErrorCode.rate_limited: 429,
     ErrorCode.quota_exceeded: 429, ErrorCode.broker_unavailable: 503, ErrorCode.storage_unavailable: 503,
+    ErrorCode.invalid_schema: 422, ErrorCode.unsupported_schema_feature: 422, ErrorCode.invalid_regex: 422,
+    ErrorCode.empty_choices: 422, ErrorCode.schema_too_large: 422,
 }
 ERRORS_DOC = "\n".join(f"- `{code.value}`: HTTP {status}" for code, status in STATUS_OF.items()) + (
     "\n- a body that is not JSON: HTTP 400 `invalid_request`; a body over the limit: HTTP 413 `invalid_request`")

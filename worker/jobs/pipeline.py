@@ -12,6 +12,7 @@ builds it once, when the model is loaded.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import structlog
 
 from api_client.dispatch import Dispatcher
+from api_client.formats import CompiledFormat, FormatRejected, compile_format
 from api_client.jobstate import Claim, JobStore
 from api_client.schema import ErrorCode, ImageItem, JobRequest, JobResult, Timings, Usage, VideoItem
 from worker.jobs.errors import Action, Draining, JobFailed, backoff_delay, classify
@@ -106,11 +108,14 @@ def _run(ctx: JobContext, claim: Claim, lost: Callable[[], bool]) -> str:
     ctx.queue.announce()
     try:
         request = JobRequest.model_validate_json(claim.request_json)
+        compiled = _format_of(request)
         media = {item.url: _decode(ctx, item) for item in request.media_items()}
         prepared = prepare(
             ctx.loaded.processor, chat_of(request), media, sampling_of(request.generation),
             request_id=claim.job_id, max_tiles=ctx.settings.max_tiles, context_length=ctx.loaded.context_length,
         )
+        if compiled is not None:  # compiled here (or found in the model's cache), off the model thread
+            prepared.constraint = ctx.loaded.grammars.constraint(compiled.grammar)
     except BaseException:
         ctx.queue.withdraw()
         raise
@@ -135,6 +140,7 @@ def _run(ctx: JobContext, claim: Claim, lost: Callable[[], bool]) -> str:
                         total_ms=(time.time() - claim.queued_at) * 1000),
         batch_size=done.batch_size, batch_id=done.batch_id, model=ctx.loaded.model_id,
         worker_id=ctx.jobs.worker_id, attempt=claim.attempt, metadata=request.metadata,
+        **_structured_fields(compiled, out.text, out.grammar_complete),
     )
     if not ctx.jobs.holds(claim):  # cancelled or taken over while it ran: write nothing to the store
         log.warning("job.result_discarded", reason="claim lost before the result was written")
@@ -157,6 +163,27 @@ def _run(ctx: JobContext, claim: Claim, lost: Callable[[], bool]) -> str:
              completion_tokens=out.completion_tokens)
     ctx.dispatch.announce(ended)
     return "succeeded"
+
+
+def _format_of(request: JobRequest) -> CompiledFormat | None:
+    """The request's response_format as a grammar; checked at submit, and again here."""
+    try:
+        return compile_format(request.response_format)
+    except FormatRejected as exc:
+        raise JobFailed(exc.message, code=ErrorCode(exc.code)) from None
+
+
+def _structured_fields(compiled: CompiledFormat | None, text: str, complete: bool | None) -> dict[str, Any]:
+    """output_complete (and output_json for JSON) of a job with a response_format; nothing for free text."""
+    if compiled is None:
+        return {}
+    if not compiled.is_json or not complete:
+        return {"output_complete": bool(complete)}
+    try:
+        return {"output_complete": True, "output_json": json.loads(text)}
+    except ValueError:  # the grammar said complete; never pass off what does not parse
+        log.error("structured_output_unparsable", chars=len(text))
+        return {"output_complete": False}
 
 
 def _decode(ctx: JobContext, item: ImageItem | VideoItem) -> Any:
