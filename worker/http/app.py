@@ -97,7 +97,7 @@ def create_api(redis_url: str, tenants: TenantRegistry, *, batches: BatchRoutes 
     pool = aioredis.BlockingConnectionPool.from_url(redis_url, max_connections=redis_connections, timeout=30,
                                                     socket_connect_timeout=5)
     aio = aioredis.Redis(connection_pool=pool)  # the event streams' reads
-    fanout = Fanout(aio)  # their one pub/sub connection
+    fanout = Fanout(redis_url)  # their one pub/sub connection
     metrics = ApiMetrics()
     app = FastAPI(title="internvl-queue", version="1",
                   description="Queued InternVL jobs over images and videos in object storage.\n\n"

@@ -42,8 +42,10 @@ log = structlog.get_logger(__name__)
 class Fanout:
     """One pub/sub connection for every event stream of this process, fanned out in process."""
 
-    def __init__(self, r: aioredis.Redis):
-        self.pubsub = r.pubsub()
+    def __init__(self, redis_url: str):
+        self._client = aioredis.Redis.from_url(redis_url, socket_connect_timeout=5)  # its own: the one connection
+        self.pubsub = self._client.pubsub()
+        self._lock = asyncio.Lock()  # one (un)subscribe at a time: the first one opens the connection
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._confirmed: dict[str, asyncio.Event] = {}
         self._reader: asyncio.Task | None = None
@@ -56,7 +58,8 @@ class Fanout:
         waiters.add(wake)
         if channel not in self._confirmed:
             self._confirmed[channel] = asyncio.Event()
-            await self.pubsub.subscribe(channel)
+            async with self._lock:
+                await self.pubsub.subscribe(channel)
         if self._reader is None or self._reader.done():
             self._reader = asyncio.get_running_loop().create_task(self._read())
         try:
@@ -70,7 +73,8 @@ class Fanout:
                 del self._waiters[channel]
                 self._confirmed.pop(channel, None)
                 with anyio.CancelScope(shield=True):  # a client that hung up cancels the stream's task
-                    await self.pubsub.unsubscribe(channel)
+                    async with self._lock:
+                        await self.pubsub.unsubscribe(channel)
 
     async def _read(self) -> None:
         while self._waiters:
@@ -96,6 +100,7 @@ class Fanout:
         if self._reader is not None:
             self._reader.cancel()
         await self.pubsub.aclose()
+        await self._client.aclose()
 
 
 def parse_last_event_id(value: str | None) -> tuple[int, int]:
