@@ -115,11 +115,12 @@ class Lanes:
         return resend
 
     def _take_all(self, tenants: list[str], now: float) -> list[list[str]]:
-        pipe = self.redis.pipeline(transaction=False)
+        """One take.lua per tenant (not pipelined: a cluster pipeline cannot carry scripts)."""
+        taken = []
         for tenant in tenants:
             k = keys.TenantKeys.of(tenant)
-            self._take(keys=[k.backlog, k.lane], args=[self.lane_jobs, repr(now)], client=pipe)
-        return [[as_text(j) for j in ids] for ids in pipe.execute()]
+            taken.append([as_text(j) for j in self._take(keys=[k.backlog, k.lane], args=[self.lane_jobs, repr(now)])])
+        return taken
 
     def _mark_sent(self, sent: list[tuple[str, str]], now: float) -> None:
         pipe = self.redis.pipeline(transaction=False)
