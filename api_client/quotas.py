@@ -31,9 +31,9 @@ from api_client.errors import QuotaExceeded, RateLimited
 from api_client.jobstate import as_text
 
 
-# What one held batch job costs Redis besides its request JSON (record fields, counters, lists):
-# measured by benchmarks/tenant_memory.py, rounded up.
-JOB_OVERHEAD_BYTES = 1024
+# What one queued batch job costs Redis besides its request JSON (record fields, event, backlog and
+# line entries, counters): 1,985 bytes with a 303-byte request, benchmarks/tenants_bench.py memory.
+JOB_OVERHEAD_BYTES = 2048
 
 
 @dataclass(frozen=True)
