@@ -36,7 +36,7 @@ ROOMY = Limits(max_active=1_000_000, rate_per_s=1e6, burst=1_000_000, max_batch_
 
 
 def _line(i: int, *, image: bool = False, tokens: int = 1) -> dict:
-    images = ["s3://media/products/000123.jpg"] if image else None
+    images = ["s3://media/products/000123.jpg"] if image else []
     request = JobRequest.simple(f"Describe item {i}.", images=images, generation={"max_new_tokens": tokens})
     return {"custom_id": f"c-{i}", "request": request.model_dump(mode="json")}
 

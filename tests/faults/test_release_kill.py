@@ -18,7 +18,7 @@ from api_client import JobRequest, keys
 from api_client.counters import Counters
 from api_client.lanes import Lanes
 from api_client.jobstate import JobStore
-from tests.faults.common import record
+from tests.faults.common import keys_without_ttl, record
 from tests.faults.procs import WorkerProc, worker_env
 
 PER_TENANT = 100
@@ -96,3 +96,4 @@ def test_a_releaser_killed_mid_release_loses_no_job_and_runs_none_twice(redis_sr
         assert Counters(client.redis).batch(f"batch_{tenant}") == {
             "queued": 0, "running": 0, "succeeded": PER_TENANT, "failed": 0, "cancelled": 0}
         assert client.redis.llen(keys.TenantKeys.of(tenant).backlog) == 0
+    assert keys_without_ttl(client.redis)[0] == []  # backlogs, lanes, counters: each expires
