@@ -66,12 +66,14 @@ class Lanes:
         return {t: (int(values[2 * i]), int(values[2 * i + 1])) for i, t in enumerate(tenants)}
 
     # ---- the releaser -------------------------------------------------------
-    def release_once(self) -> int:
-        """One round over every tenant with batch work; returns how many messages it sent."""
+    def release_once(self, only: list[str] | None = None) -> int:
+        """One round over every tenant with batch work (or the tenants `only`); returns how many
+        messages it sent. The API runs one for the tenant it just pushed for, so the first lane
+        reaches the broker's lists at once: that is what KEDA sees, and it wakes a fleet at zero."""
         if self.dispatch is None:
             raise RuntimeError("releasing needs a Dispatcher")
         now = time.time()
-        tenants = [as_text(t) for t in self.redis.zrange(keys.BATCH_TENANTS, 0, -1, withscores=False)]
+        tenants = only or [as_text(t) for t in self.redis.zrange(keys.BATCH_TENANTS, 0, -1, withscores=False)]
         if not tenants:
             return 0
         self._turn = (self._turn + 1) % len(tenants)
@@ -84,7 +86,8 @@ class Lanes:
         if order:
             self.dispatch.run_jobs([(job_id, keys.BATCH_PRIORITY) for _, job_id in order])
             self._mark_sent(order, now)
-        self._forget_idle(tenants, lanes, taken, now)
+        if only is None:
+            self._forget_idle(tenants, lanes, taken, now)
         return len(order)
 
     def _read_lanes(self, tenants: list[str]) -> list[list[tuple[str, float]]]:

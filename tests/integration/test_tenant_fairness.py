@@ -39,7 +39,7 @@ def line(i: int, tokens: int = 1) -> dict:
 def api(redis_url, tmp_path_factory):
     data = tmp_path_factory.mktemp("fair")
     settings = Settings(redis_url=redis_url, data_dir=data, model="tiny", model_cache_dir=data.parent / "models-cache",
-                        max_batch_size=4, concurrency=4, lease_s=2, batch_lane_jobs=4, batch_release_s=0.1,
+                        max_batch_size=4, concurrency=8, lease_s=2, batch_lane_jobs=4, batch_release_s=0.1,
                         progress_interval_s=0)
     routes = BatchRoutes(open_store(settings.resolved_store_url), max_body_bytes=settings.api_max_batch_bytes)
     roomy = Limits(max_batch_jobs=10_000, batch_burst=20)

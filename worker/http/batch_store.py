@@ -109,7 +109,7 @@ class Batches:
         self.redis = redis_client
         self.client = client  # the API's, to submit the jobs; a worker's sweeper needs none
         self.counters = Counters(redis_client)
-        self.lanes = Lanes(redis_client)
+        self.lanes = Lanes(redis_client, client.dispatch if client else None)
 
     @staticmethod
     def new_id() -> str:
@@ -137,6 +137,7 @@ class Batches:
         self.redis.hset(k.record, "state", "in_progress")
         self.redis.zadd(keys.OPEN_BATCHES, {batch_id: time.time()})
         self.redis.expire(keys.OPEN_BATCHES, keys.JOB_TTL_S)
+        self.lanes.release_once([tenant])  # the first lane now: KEDA counts the broker's lists, not backlogs
         return batch_id
 
     def _submit(self, k: keys.BatchKeys, tenant: str, batch_id: str, rows: list[tuple[str, str, str]]) -> None:
