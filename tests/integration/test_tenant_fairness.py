@@ -16,7 +16,7 @@ import pytest
 
 from api_client import HttpJobClient, JobRequest
 from api_client.errors import QuotaExceeded, RateLimited
-from api_client.quotas import Limits
+from api_client.quotas import Limits, Quotas
 from tests.harness import running_worker
 from worker.http.app import create_api
 from worker.http.batch_routes import BatchRoutes
@@ -125,4 +125,5 @@ def test_batch_status_is_answered_from_counters(api, redis_client):
             time.sleep(0.2)
         scraped = http.get("/metrics").text
     assert status["counts"]["succeeded"] == 5
+    assert Quotas(redis_client).held("b") == (0, 0)  # the finisher let go of the batch's holding
     assert 'ivq_tenant_jobs{kind="batch",state="queued",tenant="b"}' in scraped

@@ -35,6 +35,7 @@ from api_client.client import JobClient
 from api_client.counters import Counters
 from api_client.errors import JobNotFound, RequestRejected
 from api_client.lanes import Lanes
+from api_client.quotas import Quotas
 from api_client.jobstate import as_text
 from api_client.schema import CallbackSpec, JobRequest
 
@@ -180,6 +181,9 @@ class Batches:
             for (custom_id, job_id), values in zip(rows, pipe.execute(), strict=True):
                 yield custom_id, job_id, [v.decode() if v is not None else "" for v in values]
 
+    def redis_text(self, key: str, field: str) -> str:
+        return as_text(self.redis.hget(key, field))
+
     # ---- the sweeper's side ----------------------------------------------
     def finish_ready(self, store: Any, announce: Any) -> list[str]:
         """Write the results of every open batch whose jobs have all ended; returns their ids.
@@ -225,6 +229,7 @@ class Batches:
                                            "results_url": url, "counts": json.dumps(counts)})
         self.redis.zrem(keys.OPEN_BATCHES, batch_id)
         self.counters.forget_batch(batch_id)
+        Quotas(self.redis).drop_batch(self.redis_text(k.record, "tenant"), batch_id)  # its holding goes now
         callback = self.redis.hget(k.record, "callback")
         if callback:
             announce(batch_id, CallbackSpec.model_validate_json(callback), self.status(batch_id))
