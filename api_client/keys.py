@@ -84,11 +84,13 @@ class ShardKeys:
     queued: str  # sorted set: queued job_id -> when (re)queued; the sweeper re-sends a lost message
     deadlines: str  # sorted set: queued job_id -> its deadline; the sweeper expires the late
     notify: str  # sorted set: "job_id|event" -> time, for each callback owed whose notify has not run
+    counts: str  # hash: this shard's share of the per-tenant and per-batch counters (`tenant_field`, `batch_field`)
 
     @classmethod
     def of(cls, shard: int) -> ShardKeys:
         t = _tag(shard)
-        return cls(leases=f"{t}:leases", queued=f"{t}:queued", deadlines=f"{t}:deadlines", notify=f"{t}:notify")
+        return cls(leases=f"{t}:leases", queued=f"{t}:queued", deadlines=f"{t}:deadlines", notify=f"{t}:notify",
+                   counts=f"{t}:counts")
 
 
 @dataclass(frozen=True)
@@ -108,7 +110,24 @@ class JobKeys:
 
     def as_list(self) -> list[str]:
         s = self.shard
-        return [self.record, self.events, self.channel, s.leases, s.queued, s.deadlines, s.notify]
+        return [self.record, self.events, self.channel, s.leases, s.queued, s.deadlines, s.notify, s.counts]
+
+
+# Counters kept by the job transitions (lua/common.lua `count`), one share per shard in
+# `ShardKeys.counts` (a tenant's jobs spread over every shard, so no single slot could hold
+# them); api_client/counters.py sums the shares in one pipelined round trip.
+JOB_KINDS = ("interactive", "batch")
+LIVE_STATES = ("queued", "running")
+
+
+def tenant_field(tenant: str, kind: str, state: str) -> str:
+    """A tenant's jobs of one kind (interactive, batch) in one live state (queued, running)."""
+    return f"t|{tenant}|{kind}|{state}"
+
+
+def batch_field(batch_id: str, state: str) -> str:
+    """A batch's jobs in one state (queued, running, succeeded, failed, cancelled)."""
+    return f"b|{batch_id}|{state}"
 
 
 def job(job_id: str) -> str:
@@ -143,11 +162,17 @@ class TenantKeys:
 
     active: str  # sorted set: job_id -> submit time, for the tenant's jobs that may still be queued or running
     bucket: str  # hash: the submit-rate token bucket (tokens, at)
+    batch_bucket: str  # hash: the batch-submit token bucket (tokens, at)
+    held: str  # hash: batch_id -> its jobs not yet ended, "bytes:<batch_id>" -> their request bytes (quotas.py)
+    backlog: str  # list: the tenant's batch jobs not yet released to the workers (api_client/lanes.py)
+    lane: str  # sorted set: released batch job_id -> release time, while it may still be queued
+    streams: str  # sorted set: open SSE stream id -> when it lapses unless renewed
 
     @classmethod
     def of(cls, tenant: str) -> TenantKeys:
         t = f"{{{PREFIX}:tenant:{tenant}}}"
-        return cls(active=f"{t}:active", bucket=f"{t}:bucket")
+        return cls(active=f"{t}:active", bucket=f"{t}:bucket", batch_bucket=f"{t}:batch_bucket", held=f"{t}:held",
+                   backlog=f"{t}:backlog", lane=f"{t}:lane", streams=f"{t}:streams")
 
 
 def all_shards() -> list[ShardKeys]:
@@ -173,6 +198,7 @@ class BatchKeys:
 
 
 OPEN_BATCHES = f"{PREFIX}:batches:open"  # sorted set: batch_id -> created, until its results are written
+BATCH_TENANTS = f"{PREFIX}:batches:tenants"  # sorted set: tenant -> last backlog push; the releaser's round
 
 # Keys outside the job state machine (one each; no script spans them and a job's keys).
 DEAD_CALLBACKS = f"{PREFIX}:callbacks:dead"  # list of dead callback deliveries (JSON)

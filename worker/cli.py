@@ -215,7 +215,7 @@ def cmd_api(args: argparse.Namespace) -> int:
     from worker.ops.logs import configure_logging
     from worker.io.results_store import open_store
     from worker.settings import Settings
-    from worker.http.tenants import TenantRegistry
+    from worker.http.tenants import TenantRegistry, default_limits, redis_memory_bytes
 
     settings = Settings()
     configure_logging(settings.log_level, static={"component": "api"})
@@ -227,7 +227,13 @@ def cmd_api(args: argparse.Namespace) -> int:
                        s3_allowed_buckets=settings.s3_allowed_buckets)  # batch results; it reads no media
     batches = BatchRoutes(store, max_body_bytes=settings.api_max_batch_bytes,
                           allowed_buckets=tuple(settings.s3_allowed_buckets))
-    app = create_api(settings.redis_url, TenantRegistry(settings.api_keys_file), batches=batches)
+    import redis
+
+    with redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5) as probe:
+        memory = redis_memory_bytes(probe, settings.api_redis_memory_bytes)
+    defaults = default_limits(memory, settings.api_tenant_redis_share)
+    app = create_api(settings.redis_url, TenantRegistry(settings.api_keys_file, defaults=defaults), batches=batches,
+                     redis_connections=settings.api_redis_connections)
     uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=False, proxy_headers=True)
     return 0
 

@@ -23,6 +23,7 @@ import structlog
 from api_client import keys
 from api_client.dispatch import Dispatcher
 from api_client.jobstate import JobStore
+from api_client.lanes import Lanes
 from worker.ops.health import Health, ObservabilityServer
 from api_client.schema import CallbackSpec
 from worker.http.batch_store import Batches
@@ -67,6 +68,9 @@ class WorkerRuntime:
                              max_crashes=settings.max_crashes)
         self.held = HeldClaims(self.jobs)
         self.batches = Batches(self.redis)
+        self.lanes = Lanes(self.redis, dispatch, lane_jobs=settings.batch_lane_jobs,
+                           resend_taken_s=settings.batch_resend_taken_s,
+                           resend_sent_s=settings.visibility_timeout_s)
         self.store = open_store(
             settings.resolved_store_url, s3_endpoint_url=settings.s3_endpoint_url,
             allowed_file_root=settings.resolved_file_root, s3_allowed_buckets=settings.s3_allowed_buckets,
@@ -90,7 +94,8 @@ class WorkerRuntime:
         self.metrics.model_loaded(time.perf_counter() - t0)
         for name, every, work in (("lease-renewer", max(0.2, self.settings.lease_s / 3), self.held.renew_all),
                                   ("cancel-watcher", self.settings.cancel_poll_s, self.held.flag_lost),
-                                  ("sweeper", max(0.5, self.settings.lease_s / 2), self._sweep_and_beat)):
+                                  ("sweeper", max(0.5, self.settings.lease_s / 2), self._sweep_and_beat),
+                                  ("batch-releaser", self.settings.batch_release_s, self._release)):
             t = threading.Thread(target=self._every, args=(every, work), name=name, daemon=True)
             t.start()
             self._threads.append(t)
@@ -158,6 +163,11 @@ class WorkerRuntime:
                 work()
             except Exception as exc:  # noqa: BLE001 - a failed round must not kill the thread
                 log.warning("background.failed", thread=threading.current_thread().name, error=str(exc))
+
+    def _release(self) -> None:
+        """Batch jobs to the broker in turns across tenants (api_client/lanes.py); not while draining."""
+        if self.ctx is not None and not self.draining:
+            self.lanes.release_once()
 
     # ---- the sweeper -------------------------------------------------------
     def _sweep_and_beat(self) -> None:

@@ -92,9 +92,20 @@ class Settings(BaseSettings):
     callback_timeout_s: float = 10.0
     callback_resend_after_s: float = 120.0  # a notify not run by then is sent again (same webhook-id)
 
+    # Batch lanes (api_client/lanes.py): every worker with a model releases batch jobs to the
+    # broker in turns across tenants, keeping at most batch_lane_jobs of each tenant's waiting.
+    batch_lane_jobs: int = Field(default=16, ge=1)
+    batch_release_s: float = Field(default=0.25, gt=0)
+    batch_resend_taken_s: float = Field(default=5.0, gt=0)  # taken by a releaser that died: sent again after
+
     # The HTTP API (`internvl-queue api`).
     api_keys_file: Path | None = None  # tenants and SHA-256 hashes of their keys (worker/http/tenants.py)
     api_max_batch_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)  # a JSONL batch body, streamed
+    # Defaults for a tenant whose keys-file entry sets no batch limits: its batches may hold at most
+    # api_tenant_redis_share of api_redis_memory_bytes (None: Redis's maxmemory, else 1 GiB).
+    api_redis_memory_bytes: int | None = Field(default=None, ge=1024 * 1024)
+    api_tenant_redis_share: float = Field(default=0.1, gt=0, le=1)
+    api_redis_connections: int = Field(default=16, ge=2)  # the event streams' pool, per API process
 
     # Operations.
     metrics_port: int | None = None  # None: no HTTP server

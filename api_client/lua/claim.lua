@@ -11,6 +11,7 @@ end
 if st[3] and st[3] ~= '' and tonumber(st[3]) < now then
   return {'expired', 0, end_job('failed', ARGV[4], 'expired', 'deadline passed before the job started')}
 end
+count(st[1], 'running')
 local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('HSET', KEYS[1], 'state', 'running', 'worker_id', ARGV[2], 'claim', ARGV[3],
            'started_at', ARGV[4], 'lease_until', ARGV[5])

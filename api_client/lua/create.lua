@@ -1,16 +1,19 @@
 -- create: see api_client/jobstate.py. ARGV: job_id, now, request, priority, deadline, ttl, use_idempotency, idempotency_ttl,
--- tenant, batch_id ('' for none)
+-- tenant, batch_id ('' for none). A batch's job is not indexed as queued: it waits in its tenant's
+-- backlog (api_client/lanes.py), and the lane, not the sweeper, re-sends its message if one is lost.
 if ARGV[7] == '1' then
-  local existing = redis.call('GET', KEYS[8])
+  local existing = redis.call('GET', KEYS[9])
   if existing then return {0, existing} end
-  redis.call('SET', KEYS[8], ARGV[1], 'EX', ARGV[8])
+  redis.call('SET', KEYS[9], ARGV[1], 'EX', ARGV[8])
 end
 redis.call('HSET', KEYS[1], 'job_id', ARGV[1], 'state', 'queued', 'request', ARGV[3], 'priority', ARGV[4],
            'deadline', ARGV[5], 'created_at', ARGV[2], 'queued_at', ARGV[2], 'attempts', 0, 'crashes', 0,
            'tenant', ARGV[9])
 if ARGV[10] ~= '' then redis.call('HSET', KEYS[1], 'batch_id', ARGV[10]) end
 redis.call('EXPIRE', KEYS[1], ARGV[6])
-index(5, ARGV[2])
+count(nil, 'queued')
+redis.call('EXPIRE', KEYS[8], JOB_TTL)
+if ARGV[10] == '' then index(5, ARGV[2]) end
 if ARGV[5] ~= '' then index(6, ARGV[5]) end
 emit('queued', ARGV[2], nil)
 return {1, ARGV[1]}

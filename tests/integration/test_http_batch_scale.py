@@ -26,7 +26,7 @@ def test_ten_thousand_lines_are_accepted_in_seconds_with_flat_memory(tmp_path):
         request = JobRequest.simple("describe", generation={"max_new_tokens": 2}).model_dump(mode="json")
         body = "".join(json.dumps({"custom_id": f"c-{i}", "request": request}) + "\n" for i in range(LINES))
         with serve_in_thread(create_api(server.url, registry(), batches=routes)) as base, \
-                HttpJobClient(base, ACME) as client:
+                HttpJobClient(base, ACME, timeout=180) as client:
             client.submit_batch([{"custom_id": "warm", "request": request}])
             started = time.monotonic()
             accepted = client.submit_batch(body)

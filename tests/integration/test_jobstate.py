@@ -253,3 +253,38 @@ def test_every_script_runs_on_a_redis_cluster(tmp_path):
         client.close()
     finally:
         cluster.stop()
+
+
+def test_counters_lanes_and_quotas_run_on_a_redis_cluster(tmp_path):
+    """The counters live in each job's shard (summed on read), the backlog, lane, holdings and
+    streams in the tenant's slot: every script still touches one slot."""
+    from api_client.counters import Counters
+    from api_client.lanes import Lanes
+    from api_client.quotas import Limits, Quotas
+
+    cluster = RedisClusterServers(tmp_path, nodes=3)
+    try:
+        client = cluster.client()
+        jobs, lanes, quotas = JobStore(client, worker_id="w1", lease_s=30), Lanes(client, lane_jobs=3), Quotas(client)
+        limits = Limits(max_batch_jobs=10, max_streams=1)
+        quotas.admit_batch("t1", "batch_x", 6, 600, limits, now=time.time())
+        ids = [jobs.new_job_id(None) for _ in range(6)]
+        for j in ids:
+            jobs.create(j, _request(), now=time.time(), priority=keys.BATCH_PRIORITY, deadline=None,
+                        idempotency_key=None, tenant="t1", batch_id="batch_x")
+        client.hset(keys.BatchKeys.of("batch_x").record, "state", "in_progress")
+        lanes.push("t1", ids)
+        taken = lanes._take_all(["t1"], time.time())[0]
+        assert taken == ids[:3] and lanes.backlog(["t1"]) == {"t1": (3, 3)}
+        for job_id in taken[:2]:
+            assert jobs.succeed(jobs.claim(job_id).claim, {"result": "{}"}).done
+        jobs.cancel(taken[2])
+        assert Counters(client).batch("batch_x") == {"queued": 3, "running": 0, "succeeded": 2, "failed": 0,
+                                                     "cancelled": 1}
+        assert Counters(client).tenant("t1")["batch"] == {"queued": 3, "running": 0}
+        assert quotas.unhold_ended("t1") == 3 and quotas.held("t1")[0] == 3
+        quotas.open_stream("t1", "s1", limits, now=time.time(), lapse_s=30)
+        assert quotas.streams("t1", now=time.time()) == 1
+        client.close()
+    finally:
+        cluster.stop()

@@ -5,7 +5,13 @@ FastAPI on uvicorn, stateless, CPU only. Every call but the probes carries
 tenant sees only its own jobs: another tenant's job id answers 404, exactly
 like an unknown one, so ids do not leak. Submits are admitted against the
 tenant's rate and cap (api_client/quotas.py); a refusal is 429 with
-`Retry-After`, and nothing is recorded or enqueued.
+`Retry-After`, and nothing is recorded or enqueued. So are batches
+(worker/http/batch_routes.py) and event streams (at most `max_streams` open per
+tenant; all of one process's streams share one pub/sub connection, events.py).
+
+/metrics has, per tenant of the keys file (never a name from a request), its jobs
+queued and running by kind, its batch backlog and holdings, its open streams, and
+the refusals by reason.
 
 Errors have one shape, `{"error": {"code", "message"}}`, with the stable
 `ErrorCode`s (README, "Error codes") and the HTTP status below.
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -23,21 +30,25 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from api_client.client import JobClient
+from api_client.counters import Counters
 from api_client.errors import (
     Conflict,
     JobNotFound,
+    QuotaExceeded,
+    RateLimited,
     RequestRejected,
     ServiceError,
 )
+from api_client.lanes import Lanes
 from api_client.schema import MAX_REQUEST_BYTES, ErrorCode, JobRequest, JobResult, JobStatus
 from worker.http.batch_routes import BatchRoutes
-from worker.http.events import event_stream
+from worker.http.events import KEEPALIVE_S, Fanout, event_stream
 from worker.http.tenants import Tenant, TenantRegistry
 from worker.http.wire import ERRORS_DOC, MalformedBody, error_response, read_capped
 
@@ -51,12 +62,42 @@ class ApiMetrics:
                                 registry=self.registry)
         self.latency = Histogram("ivq_api_request_seconds", "HTTP request time, by route", ["route"],
                                  registry=self.registry)
+        # Per tenant: the label's values come from the keys file only (TenantRegistry.names).
+        self.refusals = Counter("ivq_api_refusals", "429s, by tenant, what was refused and why",
+                                ["tenant", "kind", "reason"], registry=self.registry)
+        self.tenant_jobs = Gauge("ivq_tenant_jobs", "Jobs queued or running, by tenant and kind",
+                                 ["tenant", "kind", "state"], registry=self.registry)
+        self.tenant_backlog = Gauge("ivq_tenant_batch_backlog", "Batch jobs not yet released to the workers",
+                                    ["tenant"], registry=self.registry)
+        self.tenant_lane = Gauge("ivq_tenant_batch_released", "Batch jobs released and still waiting for a worker",
+                                 ["tenant"], registry=self.registry)
+        self.tenant_held = Gauge("ivq_tenant_batch_held_jobs", "Batch jobs held against the tenant's quota",
+                                 ["tenant"], registry=self.registry)
+        self.tenant_streams = Gauge("ivq_tenant_streams", "Open event streams", ["tenant"], registry=self.registry)
+
+    def collect_tenants(self, client: JobClient, names: list[str]) -> None:
+        """Refresh the per-tenant gauges from Redis (on each scrape): a few pipelined round trips."""
+        counts = Counters(client.redis).tenants(names)
+        backlog = Lanes(client.redis).backlog(names)
+        for name in names:
+            for kind, states in counts[name].items():
+                for state, n in states.items():
+                    self.tenant_jobs.labels(tenant=name, kind=kind, state=state).set(n)
+            self.tenant_backlog.labels(tenant=name).set(backlog[name][0])
+            self.tenant_lane.labels(tenant=name).set(backlog[name][1])
+            self.tenant_held.labels(tenant=name).set(client.quotas.held(name)[0])
+            self.tenant_streams.labels(tenant=name).set(client.quotas.streams(name, now=time.time()))
 
 
-def create_api(redis_url: str, tenants: TenantRegistry, *, batches: BatchRoutes | None = None) -> FastAPI:
-    """The ASGI app. `batches` (worker/http/batch_routes.py, it needs the object store) adds /v1/batches."""
+def create_api(redis_url: str, tenants: TenantRegistry, *, batches: BatchRoutes | None = None,
+               redis_connections: int = 16) -> FastAPI:
+    """The ASGI app. `batches` (worker/http/batch_routes.py, it needs the object store) adds /v1/batches.
+    `redis_connections` bounds the event streams' pool (one more is the shared pub/sub)."""
     client = JobClient(redis_url)
-    aio = aioredis.Redis.from_url(redis_url, socket_connect_timeout=5)  # the event streams' pool
+    pool = aioredis.BlockingConnectionPool.from_url(redis_url, max_connections=redis_connections, timeout=30,
+                                                    socket_connect_timeout=5)
+    aio = aioredis.Redis(connection_pool=pool)  # the event streams' reads
+    fanout = Fanout(redis_url)  # their one pub/sub connection
     metrics = ApiMetrics()
     app = FastAPI(title="internvl-queue", version="1",
                   description="Queued InternVL jobs over images and videos in object storage.\n\n"
@@ -66,7 +107,18 @@ def create_api(redis_url: str, tenants: TenantRegistry, *, batches: BatchRoutes 
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        if isinstance(exc, (RateLimited, QuotaExceeded)):
+            _count_refusal(request, exc)
         return error_response(exc)
+
+    def _count_refusal(request: Request, exc: ServiceError) -> None:
+        try:
+            name = tenants.authenticate(request.headers.get("authorization")).name
+        except ServiceError:
+            return
+        path = request.url.path
+        kind = "stream" if path.endswith("/events") else "batch" if path.startswith("/v1/batches") else "job"
+        metrics.refusals.labels(tenant=name, kind=kind, reason=exc.code.value).inc()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -151,8 +203,26 @@ def create_api(redis_url: str, tenants: TenantRegistry, *, batches: BatchRoutes 
     @app.get("/v1/jobs/{job_id}/events", summary="Server-Sent Events: state changes and text deltas")
     async def events(job_id: str, authorization: Auth = None,
                      last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None) -> StreamingResponse:
-        await run_in_threadpool(owned, job_id, tenant_of(authorization))
-        stream: AsyncIterator[str] = event_stream(aio, job_id, last_event_id)
+        tenant = tenant_of(authorization)
+        await run_in_threadpool(owned, job_id, tenant)
+        stream_id = uuid.uuid4().hex
+        lapse_s = 3 * KEEPALIVE_S
+
+        def hold() -> None:
+            client.quotas.open_stream(tenant.name, stream_id, tenant.limits, now=time.time(), lapse_s=lapse_s)
+
+        await run_in_threadpool(hold)  # 429 past the tenant's max_streams
+
+        async def renew() -> None:
+            try:
+                await run_in_threadpool(hold)
+            except QuotaExceeded:
+                pass  # it lapsed while the process stalled and the cap filled: it still ends normally
+
+        async def closed() -> None:
+            await run_in_threadpool(client.quotas.close_stream, tenant.name, stream_id)
+
+        stream: AsyncIterator[str] = event_stream(aio, fanout, job_id, last_event_id, renew=renew, closed=closed)
         return StreamingResponse(stream, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -170,12 +240,18 @@ def create_api(redis_url: str, tenants: TenantRegistry, *, batches: BatchRoutes 
 
     @app.get("/metrics", include_in_schema=False)
     def prometheus() -> Response:
+        try:
+            metrics.collect_tenants(client, tenants.names())
+        except redis.RedisError:
+            pass  # the request metrics still answer; the tenant gauges keep their last values
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     if batches is not None:
         batches.mount(app, client, tenant_of)
     app.router.on_shutdown.append(client.close)
+    app.router.on_shutdown.append(fanout.aclose)
     app.router.on_shutdown.append(aio.aclose)
+    app.state.fanout = fanout
     return app
 
 

@@ -6,13 +6,17 @@
     GET  /v1/batches/{id}/results the results JSONL (409 until completed)
 
 A refused file answers 422 with `{"error": {...}, "lines": [{"line", "custom_id",
-"message"}, ...]}` and creates nothing.
+"message"}, ...]}` and creates nothing. A file over the tenant's batch quotas or rate
+(api_client/quotas.py `admit_batch`) answers 429 with `Retry-After`, and creates nothing
+either: the check runs after the lines are counted and before any record exists, and the
+spooled body is deleted.
 """
 
 from __future__ import annotations
 
 import json
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from typing import IO, Any
 
@@ -82,8 +86,21 @@ class BatchRoutes:
                 checked.spool.close()
                 return JSONResponse({"error": {"code": "invalid_request", "message": message},
                                      "lines": checked.bad}, 422)
-            batch_id = await run_in_threadpool(batches.create, tenant.name, checked, callback=callback)
-            checked.spool.close()
+            batch_id = Batches.new_id()
+            try:
+                await run_in_threadpool(lambda: client.quotas.admit_batch(
+                    tenant.name, batch_id, checked.accepted, checked.request_bytes, tenant.limits, now=time.time()))
+            except Exception:
+                checked.spool.close()
+                raise
+            try:
+                await run_in_threadpool(lambda: batches.create(tenant.name, checked, callback=callback,
+                                                               batch_id=batch_id))
+            except BaseException:
+                await run_in_threadpool(client.quotas.drop_batch, tenant.name, batch_id)
+                raise
+            finally:
+                checked.spool.close()
             return JSONResponse({"batch_id": batch_id, "accepted": checked.accepted, "rejected": checked.bad}, 202)
 
         @app.get("/v1/batches/{batch_id}", summary="A batch's progress: jobs by state")

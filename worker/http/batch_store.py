@@ -6,9 +6,13 @@ is checked before any job exists: the lines are streamed into a spool file (so
 number. Unless the submit says `partial`, one bad line refuses the whole file.
 
 A batch's jobs are ordinary jobs of its tenant, run at `keys.BATCH_PRIORITY`
-(after every interactive job). When all have ended, a worker's sweeper writes
-`batches/{id}/results.jsonl` to the store (input order: custom_id, job_id,
-state, output or error, usage) and sends the batch's one completion callback.
+(after every interactive job). They wait in the tenant's backlog and reach the
+workers in turns with other tenants' (api_client/lanes.py). Their counts by state
+come from counters the job transitions keep (api_client/counters.py): a status
+call and the finisher's check cost the same for 10 lines and 50,000. When all
+have ended, a worker's sweeper writes `batches/{id}/results.jsonl` to the store
+(input order: custom_id, job_id, state, output or error, usage) and sends the
+batch's one completion callback.
 """
 
 from __future__ import annotations
@@ -28,7 +32,10 @@ from pydantic import ValidationError
 
 from api_client import keys
 from api_client.client import JobClient, check_format
+from api_client.counters import Counters
 from api_client.errors import JobNotFound, RequestRejected
+from api_client.lanes import Lanes
+from api_client.quotas import Quotas
 from api_client.jobstate import as_text
 from api_client.schema import CallbackSpec, JobRequest
 
@@ -47,6 +54,7 @@ class Checked:
 
     spool: IO[str]
     accepted: int = 0
+    request_bytes: int = 0  # of the accepted requests' JSON, as they will sit in Redis
     bad: list[dict[str, Any]] = field(default_factory=list)
     bad_count: int = 0
 
@@ -70,6 +78,7 @@ def check_lines(lines: Iterable[bytes | str]) -> Checked:
         seen.add(custom_id)
         checked.spool.write(f"{custom_id}\t{request}\n")
         checked.accepted += 1
+        checked.request_bytes += len(request.encode())
     checked.spool.seek(0)
     return checked
 
@@ -104,9 +113,16 @@ class Batches:
     def __init__(self, redis_client: redis.Redis, client: JobClient | None = None):
         self.redis = redis_client
         self.client = client  # the API's, to submit the jobs; a worker's sweeper needs none
+        self.counters = Counters(redis_client)
+        self.lanes = Lanes(redis_client, client.dispatch if client else None)
 
-    def create(self, tenant: str, checked: Checked, *, callback: CallbackSpec | None) -> str:
-        batch_id = "batch_" + uuid.uuid4().hex
+    @staticmethod
+    def new_id() -> str:
+        return "batch_" + uuid.uuid4().hex
+
+    def create(self, tenant: str, checked: Checked, *, callback: CallbackSpec | None, batch_id: str = "") -> str:
+        """Record the batch and its jobs, each pushed onto the tenant's backlog (admitted beforehand)."""
+        batch_id = batch_id or self.new_id()
         k = keys.BatchKeys.of(batch_id)
         self.redis.hset(k.record, mapping={
             "batch_id": batch_id, "tenant": tenant, "state": "submitting", "total": checked.accepted,
@@ -126,6 +142,7 @@ class Batches:
         self.redis.hset(k.record, "state", "in_progress")
         self.redis.zadd(keys.OPEN_BATCHES, {batch_id: time.time()})
         self.redis.expire(keys.OPEN_BATCHES, keys.JOB_TTL_S)
+        self.lanes.release_once([tenant])  # the first lane now: KEDA counts the broker's lists, not backlogs
         return batch_id
 
     def _submit(self, k: keys.BatchKeys, tenant: str, batch_id: str, rows: list[tuple[str, str, str]]) -> None:
@@ -135,7 +152,7 @@ class Batches:
             return
         self.client.jobs.create_many([(job_id, request) for _, job_id, request in rows], now=time.time(),
                                      priority=keys.BATCH_PRIORITY, tenant=tenant, batch_id=batch_id)
-        self.client.dispatch.run_jobs([(job_id, keys.BATCH_PRIORITY) for _, job_id, _ in rows])
+        self.lanes.push(tenant, [job_id for _, job_id, _ in rows])
         self.redis.rpush(k.jobs, *(f"{custom_id}\t{job_id}" for custom_id, job_id, _ in rows))
         self.redis.expire(k.jobs, keys.JOB_TTL_S)
         rows.clear()
@@ -149,10 +166,9 @@ class Batches:
         return rec
 
     def status(self, batch_id: str, tenant: str | None = None) -> dict[str, Any]:
+        """Two round trips whatever the batch's size: its record, then its counters."""
         rec = self.record(batch_id, tenant)
-        counts = dict.fromkeys(STATES, 0)
-        for _, _, state in self._rows(batch_id, ("state",)):
-            counts[state[0] or "failed"] = counts.get(state[0] or "failed", 0) + 1
+        counts = json.loads(rec["counts"]) if rec.get("counts") else self.counters.batch(batch_id)
         return {"batch_id": batch_id, "state": rec["state"], "total": int(rec["total"]),
                 "rejected_lines": int(rec.get("rejected", 0)), "counts": counts,
                 "created_at": float(rec["created_at"]), "completed_at": float(rec["completed_at"])
@@ -169,6 +185,9 @@ class Batches:
             for (custom_id, job_id), values in zip(rows, pipe.execute(), strict=True):
                 yield custom_id, job_id, [v.decode() if v is not None else "" for v in values]
 
+    def redis_text(self, key: str, field: str) -> str:
+        return as_text(self.redis.hget(key, field))
+
     # ---- the sweeper's side ----------------------------------------------
     def finish_ready(self, store: Any, announce: Any) -> list[str]:
         """Write the results of every open batch whose jobs have all ended; returns their ids.
@@ -178,19 +197,20 @@ class Batches:
         for raw in self.redis.zrange(keys.OPEN_BATCHES, 0, 100):
             batch_id = as_text(raw)
             k = keys.BatchKeys.of(batch_id)
-            state = self.redis.hget(k.record, "state")
+            state, total = self.redis.hmget(k.record, "state", "total")
             if state is None:  # expired: nothing left to finish
                 self.redis.zrem(keys.OPEN_BATCHES, batch_id)
                 continue
-            if state != b"in_progress" or not self._all_ended(batch_id):
+            if state != b"in_progress" or not self._all_ended(batch_id, int(total or 0)):
                 continue
             if not self.redis.set(f"{k.record}:finishing", "1", nx=True, ex=600):
                 continue  # another worker is writing it
             finished.append(self._finish(batch_id, store, announce))
         return finished
 
-    def _all_ended(self, batch_id: str) -> bool:
-        return all(s[0] not in ("queued", "running") for _, _, s in self._rows(batch_id, ("state",)))
+    def _all_ended(self, batch_id: str, total: int) -> bool:
+        counts = self.counters.batch(batch_id)
+        return counts["queued"] == counts["running"] == 0 and sum(counts.values()) >= total
 
     def _finish(self, batch_id: str, store: Any, announce: Any) -> str:
         k = keys.BatchKeys.of(batch_id)
@@ -214,6 +234,8 @@ class Batches:
         self.redis.hset(k.record, mapping={"state": "completed", "completed_at": repr(time.time()),
                                            "results_url": url, "counts": json.dumps(counts)})
         self.redis.zrem(keys.OPEN_BATCHES, batch_id)
+        self.counters.forget_batch(batch_id)
+        Quotas(self.redis).drop_batch(self.redis_text(k.record, "tenant"), batch_id)  # its holding goes now
         callback = self.redis.hget(k.record, "callback")
         if callback:
             announce(batch_id, CallbackSpec.model_validate_json(callback), self.status(batch_id))
