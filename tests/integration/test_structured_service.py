@@ -8,6 +8,7 @@ valid by construction, and checked here with `jsonschema`.
 from __future__ import annotations
 
 import json
+import uuid
 import os
 import subprocess
 import sys
@@ -122,8 +123,11 @@ def test_a_compile_that_runs_past_its_timeout_is_refused_as_too_large():
 
     from api_client.formats import FormatRejected, ResponseFormat, compile_format
 
-    fmt = TypeAdapter(ResponseFormat).validate_python(
-        {"type": "json_schema", "json_schema": {"name": "big", "schema": {"enum": [f"v{i}" for i in range(3000)]}}})
+    # Values no other test uses: a grammar validated before is cached and would answer at once.
+    fresh = uuid.uuid4().hex[:8]
+    schema = {"enum": [f"{fresh}{i}" for i in range(3000)]}
+    spec = {"type": "json_schema", "json_schema": {"name": "big", "schema": schema}}
+    fmt = TypeAdapter(ResponseFormat).validate_python(spec)
     with pytest.raises(FormatRejected) as info:
         compile_format(fmt, timeout_s=1e-6)
     assert info.value.code == "schema_too_large"
