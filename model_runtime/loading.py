@@ -18,7 +18,7 @@ import structlog
 
 log = structlog.get_logger(__name__)
 
-TINY_MODELS = ("tiny", "small")
+TINY_MODELS = ("tiny", "small", "tile448")
 _DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
            "float32": "float32", "fp32": "float32"}
 
