@@ -42,6 +42,7 @@ class ErrorCode(str, enum.Enum):
     cancelled = "cancelled"
     poison = "poison"
     storage_unavailable = "storage_unavailable"
+    preprocess_crashed = "preprocess_crashed"
     internal_error = "internal_error"
     # Raised by the client or the HTTP API itself, never stored on a job.
     not_found = "not_found"

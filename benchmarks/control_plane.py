@@ -105,13 +105,14 @@ def install_instant_engine(runtime: Any) -> None:
     runtime.ctx = replace(runtime.ctx, queue=loop)
 
 
-STAGES = ("fetch", "decode", "processor", "state", "result_write", "events")
+STAGES = ("fetch", "decode", "processor", "handoff", "state", "result_write", "events")
 
 
 class StageProbes:
     """CPU seconds of the calling thread inside each stage's calls, summed over the worker's threads."""
 
-    def __init__(self) -> None:
+    def __init__(self, runtime: Any = None) -> None:
+        self.runtime = runtime
         self._lock = threading.Lock()
         self.cpu_s: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
@@ -140,6 +141,7 @@ class StageProbes:
         from api_client.jobstate import JobStore
         from worker.io.media_fetch import MediaFetcher
         from worker.io.results_store import FileStore
+        from worker.jobs.prep_pool import PrepPool
 
         self.wrap(MediaFetcher, "get_bytes", "fetch")
         self.wrap(model_runtime.media, "decode_image", "decode")
@@ -150,16 +152,16 @@ class StageProbes:
         self.wrap(FileStore, "put_json", "result_write")
         self.wrap(Dispatcher, "announce", "events")
         self.wrap(worker.celery_app, "process_job", "process_job")
-        for extra in _EXTRA_PROBES:
-            extra(self)
+        self.wrap(PrepPool, "prepare", "handoff")  # in this process: borrow a child, send, map the tensors
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
-            return {"stages_cpu_s": dict(self.cpu_s), "calls": dict(self.calls), "threads_cpu_s": thread_cpu()}
-
-
-# Probes of later pieces (the preprocessing pool) register here; each gets the StageProbes to wrap with.
-_EXTRA_PROBES: list[Callable[[StageProbes], None]] = []
+            stages = dict(self.cpu_s)
+        prep = getattr(self.runtime, "prep", None)
+        if prep is not None:  # fetch, decode and the processor ran in the preprocessing processes
+            for stage, seconds in prep.stats.cpu_s.items():
+                stages[stage] = stages.get(stage, 0.0) + seconds
+        return {"stages_cpu_s": stages, "threads_cpu_s": thread_cpu()}
 
 
 def thread_group(name: str) -> str:
@@ -198,11 +200,10 @@ def serve(instant: bool) -> int:
     from worker.cli import serve_worker
     from worker.settings import Settings
 
-    probes = StageProbes()
-
     def started(runtime: Any) -> None:
         if instant:
             install_instant_engine(runtime)
+        probes = StageProbes(runtime)
         probes.install()
         threading.Thread(target=_control_loop, args=(probes,), name="bench-control", daemon=True).start()
 
@@ -374,7 +375,8 @@ def measure(worker: BenchWorker, client: Any, requests: list[Any], redis_client:
     in_job = stages.pop("process_job", 0.0)
     breakdown = {s: stages.get(s, 0.0) for s in STAGES}
     breakdown.update({k: v for k, v in stages.items() if k not in breakdown})
-    breakdown["job_path_other"] = round(in_job - sum(stages.get(k, 0.0) for k in STAGES), 2)
+    in_process = ("handoff", "state", "result_write", "events") if children else STAGES
+    breakdown["job_path_other"] = round(in_job - sum(stages.get(k, 0.0) for k in in_process), 2)
     breakdown["celery"] = round(threads.get("celery_consumer", 0.0) + threads.get("task_threads", 0.0) - in_job, 2)
     breakdown["model_thread"] = threads.get("model_thread", 0.0)
     breakdown["other_threads"] = threads.get("other", 0.0)

@@ -110,7 +110,7 @@ def load_runtime(
     quantization: str = "none",
 ) -> Loaded:
     import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     started = time.perf_counter()
     device = choose_device(device)
@@ -137,13 +137,7 @@ def load_runtime(
         net = net.to(device)  # type: ignore[arg-type]
     net.eval()
 
-    processor = AutoProcessor.from_pretrained(path, cache_dir=hub_cache)
-    # Batches are left-padded so every row's last prompt token is where generation starts.
-    processor.tokenizer.padding_side = "left"
-    if processor.tokenizer.pad_token is None:
-        processor.tokenizer.pad_token = processor.tokenizer.eos_token
-
-    _prime_processor(processor)
+    processor = load_processor(path, cache_dir=hub_cache)
 
     seconds = time.perf_counter() - started
     log.info(
@@ -154,6 +148,19 @@ def load_runtime(
         model=net, processor=processor, model_id=model, device=device, dtype=dtype,
         attn_implementation=attention, load_seconds=seconds, quantization=quantization,
     )
+
+
+def load_processor(path: str, *, cache_dir: str | None = None) -> Any:
+    """The checkpoint's processor as the engine expects it (also what a preprocessing process loads)."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(path, cache_dir=cache_dir)
+    # Batches are left-padded so every row's last prompt token is where generation starts.
+    processor.tokenizer.padding_side = "left"
+    if processor.tokenizer.pad_token is None:
+        processor.tokenizer.pad_token = processor.tokenizer.eos_token
+    _prime_processor(processor)
+    return processor
 
 
 def _prime_processor(processor: Any) -> None:

@@ -60,6 +60,10 @@ class Settings(BaseSettings):
     max_batch_cost: float | None = None  # static engine: None means the size limit only
     max_wait_ms: float = Field(default=20.0, ge=0)  # static engine: how long a batch waits to fill
     concurrency: int | None = None  # task threads; default 2 * max_batch_size
+    # Processes that fetch, decode and run the processor, so the model process's GIL stays on the
+    # model loop (worker/jobs/prep_pool.py). None: the cores less one (at least 1, at most 16);
+    # 0: on the task threads, in the model process.
+    preprocess_workers: int | None = Field(default=None, ge=0)
 
     # Media limits (checked in the worker on the real bytes); media_limits() hands them on.
     max_image_bytes: int = 20 * 1024 * 1024
@@ -159,6 +163,13 @@ class Settings(BaseSettings):
     @property
     def resolved_concurrency(self) -> int:
         return self.concurrency or max(2, 2 * self.max_batch_size)
+
+    @property
+    def resolved_preprocess_workers(self) -> int:
+        if self.preprocess_workers is not None:
+            return self.preprocess_workers
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, min(16, cores - 1))
 
     @property
     def resolved_worker_id(self) -> str:
