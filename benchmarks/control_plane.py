@@ -430,7 +430,7 @@ def bench_control_plane(root: Path, plan: ControlPlanePlan,
         results["instant"] = run_worker_mixes(server.url, client, r, root, model=INSTANT_MODEL, instant=True,
                                               requests=instant_reqs, warmup=plan.warmup_jobs, env=plan.extra_env,
                                               progress=progress)
-        if plan.prep_workers:
+        if plan.prep_workers and "one_tile" in instant_reqs:
             by_pool: dict[str, Any] = {}
             for count in plan.prep_workers:
                 env = {**plan.extra_env, "IVQ_PREPROCESS_WORKERS": str(count)}
@@ -440,9 +440,9 @@ def bench_control_plane(root: Path, plan: ControlPlanePlan,
                     progress=progress)["one_tile"]
             results["instant_one_tile_by_preprocess_workers"] = by_pool
         tiny_reqs = build_requests(56, media, plan.tiny_jobs)  # the tiny model's own tile
-        results["tiny"] = run_worker_mixes(server.url, client, r, root, model=TINY_MODEL, instant=False,
-                                           requests=tiny_reqs, warmup=plan.warmup_jobs, env=plan.extra_env,
-                                           progress=progress)
+        results["tiny"] = {} if not tiny_reqs else run_worker_mixes(
+            server.url, client, r, root, model=TINY_MODEL, instant=False, requests=tiny_reqs,
+            warmup=plan.warmup_jobs, env=plan.extra_env, progress=progress)
     one = results["instant"]["one_tile"]
     results["headline"] = {"instant_one_tile_jobs_per_s": one["jobs_per_s"],
                            "instant_one_tile_model_process_cpu_ms": one["model_process_cpu_ms_per_job"],
@@ -480,6 +480,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--prep", default="", help="bench: comma-separated preprocessing pool sizes to compare")
+    parser.add_argument("--mixes", default=",".join(MIXES), help="bench: comma-separated mixes")
+    parser.add_argument("--no-tiny", action="store_true", help="bench: the instant engine only")
     parser.add_argument("--out", type=Path, default=Path(".ivq-data") / "bench" / "control-plane")
     args = parser.parse_args(argv)
     if args.verb == "serve":
@@ -487,6 +489,9 @@ def main(argv: list[str] | None = None) -> int:
     plan = control_plane_plan(args.quick)
     if args.prep:
         plan.prep_workers = tuple(int(x) for x in args.prep.split(","))
+    mixes = args.mixes.split(",")
+    plan.jobs = {m: n for m, n in plan.jobs.items() if m in mixes}
+    plan.tiny_jobs = {} if args.no_tiny else {m: n for m, n in plan.tiny_jobs.items() if m in mixes}
     results = bench_control_plane(args.out, plan, progress=lambda m: print(f"[bench] {m}", file=sys.stderr,
                                                                           flush=True))
     print(json.dumps(results, indent=None if args.json else 2) if args.json else table(results))

@@ -102,6 +102,9 @@ class Settings(BaseSettings):
 
     # Operations.
     metrics_port: int | None = None  # None: no HTTP server
+    # Celery task events (task-received/started/succeeded), which Flower needs: off by default, they
+    # cost Redis a PUBLISH per event (benchmarks/BENCHMARKS.md, control plane). `celery inspect` works either way.
+    task_events: bool = False
     log_level: str = "INFO"
     worker_id: str | None = None
     queues: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["infer", "callbacks"])

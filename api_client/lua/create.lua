@@ -12,5 +12,5 @@ if ARGV[10] ~= '' then redis.call('HSET', KEYS[1], 'batch_id', ARGV[10]) end
 redis.call('EXPIRE', KEYS[1], ARGV[6])
 index(5, ARGV[2])
 if ARGV[5] ~= '' then index(6, ARGV[5]) end
-emit('queued', ARGV[2], nil)
+emit('queued', ARGV[2], nil, nil, true)  -- the job id is new: no one listens on its channel yet
 return {1, ARGV[1]}
