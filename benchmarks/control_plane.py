@@ -224,9 +224,9 @@ class ControlPlanePlan:
 
 
 def control_plane_plan(quick: bool) -> ControlPlanePlan:
-    if quick:
-        return ControlPlanePlan(jobs={"text": 24, "one_tile": 24, "twelve_tiles": 8, "video8": 8},
-                                tiny_jobs={"text": 12, "one_tile": 12, "twelve_tiles": 6, "video8": 6})
+    if quick:  # the instrument works; the figures are too few to mean much
+        return ControlPlanePlan(jobs={"text": 8, "one_tile": 8, "twelve_tiles": 3, "video8": 3},
+                                tiny_jobs={"text": 4, "one_tile": 4, "twelve_tiles": 2, "video8": 2}, warmup_jobs=2)
     return ControlPlanePlan(jobs={"text": 400, "one_tile": 400, "twelve_tiles": 80, "video8": 80},
                             tiny_jobs={"text": 200, "one_tile": 200, "twelve_tiles": 60, "video8": 60})
 
@@ -276,12 +276,12 @@ class BenchWorker:
     """One worker subprocess (`serve` above) and the handles to measure it."""
 
     def __init__(self, redis_url: str, root: Path, model: str, *, instant: bool,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, code_root: Path | None = None) -> None:
         self.worker_id = f"bench-{model}-{uuid.uuid4().hex[:6]}"
         self.root = root
         base = {k: v for k, v in os.environ.items() if not k.startswith("IVQ_")}
-        # The worker imports this tree's packages, whatever directory it runs in.
-        repo = str(Path(__file__).resolve().parent.parent)
+        # The worker imports this tree's packages (or code_root's: another commit, side by side).
+        repo = str(code_root or Path(__file__).resolve().parent.parent)
         path = os.pathsep.join(p for p in (repo, base.get("PYTHONPATH", "")) if p)
         self.env = {**base, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1", "IVQ_REDIS_URL": redis_url,
                     "IVQ_MODEL": model, "IVQ_MODEL_CACHE_DIR": str(root / "models"),
@@ -420,6 +420,34 @@ def run_worker_mixes(redis_url: str, client: Any, r: Any, root: Path, *, model: 
     return out
 
 
+def compare_side_by_side(root: Path, variants: dict[str, tuple[Path | None, dict[str, str]]], jobs: int,
+                         rounds: int, progress: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
+    """one_tile with the instant engine on several workers, each with its own redis-server, all up at
+    once and measured in turn, `rounds` times: variant name -> (code tree or None for this one, env).
+    Each variant's best run by jobs/s is kept; load from elsewhere hits every variant alike."""
+    from contextlib import ExitStack
+
+    root = root.resolve()
+    requests = build_requests(448, root / "store" / "media", {"one_tile": jobs})["one_tile"]
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
+    with ExitStack() as stack:
+        up = {}
+        for name, (code_root, env) in variants.items():
+            server, client, r = stack.enter_context(_redis_and_client(root / f"side-{name}"))
+            progress(f"control plane, side by side: starting {name}")
+            worker = stack.enter_context(BenchWorker(server.url, root, INSTANT_MODEL, instant=True, env=env,
+                                                     code_root=code_root))
+            measure(worker, client, requests[:8], r)
+            up[name] = (worker, client, r)
+        for i in range(rounds):
+            for name, (worker, client, r) in up.items():
+                progress(f"control plane, side by side: round {i + 1}/{rounds}, {name}, {jobs} one_tile jobs")
+                runs[name].append(measure(worker, client, requests, r))
+    best = {name: max(rs, key=lambda m: m["jobs_per_s"]) for name, rs in runs.items()}
+    return {"jobs": jobs, "rounds": rounds, "best": best,
+            "jobs_per_s_by_round": {name: [m["jobs_per_s"] for m in rs] for name, rs in runs.items()}}
+
+
 def bench_control_plane(root: Path, plan: ControlPlanePlan,
                         progress: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
     root = root.resolve()
@@ -482,10 +510,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prep", default="", help="bench: comma-separated preprocessing pool sizes to compare")
     parser.add_argument("--mixes", default=",".join(MIXES), help="bench: comma-separated mixes")
     parser.add_argument("--no-tiny", action="store_true", help="bench: the instant engine only")
+    parser.add_argument("--side-by-side", default="", help="compare: NAME=TREE|-:PREP,... (one_tile, instant)")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--jobs", type=int, default=300)
     parser.add_argument("--out", type=Path, default=Path(".ivq-data") / "bench" / "control-plane")
     args = parser.parse_args(argv)
     if args.verb == "serve":
         return serve(args.instant)
+    if args.side_by_side:  # e.g. base=/tmp/basetree:,inthread=-:0,pool1=-:1,pool2=-:2
+        variants: dict[str, tuple[Path | None, dict[str, str]]] = {}
+        for spec in args.side_by_side.split(","):
+            name, _, rest = spec.partition("=")
+            tree, _, prep = rest.partition(":")
+            variants[name] = (None if tree in ("", "-") else Path(tree),
+                              {"IVQ_PREPROCESS_WORKERS": prep} if prep else {})
+        out = compare_side_by_side(args.out, variants, args.jobs, args.rounds,
+                                   progress=lambda m: print(f"[bench] {m}", file=sys.stderr, flush=True))
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "side_by_side.json").write_text(json.dumps(out, indent=2))
+        print(json.dumps(out) if args.json else table({"instant": out["best"]}))
+        print(json.dumps(out["jobs_per_s_by_round"]), file=sys.stderr)
+        return 0
     plan = control_plane_plan(args.quick)
     if args.prep:
         plan.prep_workers = tuple(int(x) for x in args.prep.split(","))

@@ -18,6 +18,18 @@ if TYPE_CHECKING:
     from model_runtime.media import MediaLimits
 
 
+def usable_cpus() -> int:
+    """CPUs this process may use: its affinity, capped by a cgroup v2 quota (a container's CPU limit)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="IVQ_", extra="ignore")
 
@@ -171,8 +183,7 @@ class Settings(BaseSettings):
     def resolved_preprocess_workers(self) -> int:
         if self.preprocess_workers is not None:
             return self.preprocess_workers
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        return max(1, min(16, cores - 1))
+        return max(1, min(16, usable_cpus() - 1))
 
     @property
     def resolved_worker_id(self) -> str:

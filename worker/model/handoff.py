@@ -48,7 +48,11 @@ def write_tensors(name: str, tensors: dict[str, torch.Tensor | None]) -> dict[st
     path = shm_dir() / name
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        os.ftruncate(fd, max(size, 1))
+        # Reserve the pages now: a full /dev/shm is then an OSError here, not a SIGBUS mid-copy.
+        if hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(fd, 0, max(size, 1))
+        else:
+            os.ftruncate(fd, max(size, 1))
         with mmap.mmap(fd, max(size, 1)) as mapped:
             for offset, flat in parts:
                 if flat.numel():
