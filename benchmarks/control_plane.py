@@ -289,6 +289,7 @@ class BenchWorker:
                     "IVQ_ALLOWED_FILE_ROOT": str(root), "IVQ_LOG_LEVEL": "WARNING", "IVQ_WORKER_ID": self.worker_id,
                     "IVQ_WARMUP": "false" if instant else "true", **(env or {})}
         self.args = [sys.executable, "-m", "benchmarks.control_plane", "serve"] + (["--instant"] if instant else [])
+        self.cwd = repo  # `-m` puts the working directory first on the path
         self.proc: subprocess.Popen | None = None
         self._log = None
 
@@ -300,7 +301,7 @@ class BenchWorker:
         self.root.mkdir(parents=True, exist_ok=True)
         self._log = open(self.root / f"{self.worker_id}.log", "wb")
         self.proc = subprocess.Popen(self.args, env=self.env, stdin=subprocess.PIPE, stdout=self._log,
-                                     stderr=subprocess.STDOUT)
+                                     stderr=subprocess.STDOUT, cwd=self.cwd)
         r = redis.Redis.from_url(self.env["IVQ_REDIS_URL"])
         deadline = time.monotonic() + 300
         while not r.hexists(keys.WORKERS, self.worker_id):

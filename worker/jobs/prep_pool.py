@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 CHILD_COMMAND = ("-m", "worker.jobs.prep_child")
+CODE_ROOT = str(Path(__file__).resolve().parents[2])  # the directory that holds worker/
 START_TIMEOUT_S = 300.0
 RESPAWN_DELAY_S = (0.5, 10.0)  # first and longest wait between failed starts of a replacement
 
@@ -60,7 +61,8 @@ class Child:
     """One preprocessing process and its two pipes; used by one task thread at a time."""
 
     def __init__(self, command: list[str], config: dict[str, Any], env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        # cwd: `-m` puts the working directory first on the path; import the worker's own tree.
+        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=CODE_ROOT)
         self.seq = 0
         self._send(config)
 
@@ -309,7 +311,6 @@ def _child_settings(settings: Settings) -> dict[str, Any]:
 def _child_env() -> dict[str, str]:
     """The worker's environment, with this tree first on the path and one torch thread per child."""
     env = dict(os.environ)
-    root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (CODE_ROOT, env.get("PYTHONPATH", "")) if p)
     env.setdefault("OMP_NUM_THREADS", "1")  # the pool's width is the parallelism; no thread oversubscription
     return env
