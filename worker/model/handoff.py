@@ -48,16 +48,14 @@ def write_tensors(name: str, tensors: dict[str, torch.Tensor | None]) -> dict[st
     path = shm_dir() / name
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        # Reserve the pages now: a full /dev/shm is then an OSError here, not a SIGBUS mid-copy.
-        if hasattr(os, "posix_fallocate"):
-            os.posix_fallocate(fd, 0, max(size, 1))
-        else:
-            os.ftruncate(fd, max(size, 1))
-        with mmap.mmap(fd, max(size, 1)) as mapped:
-            for offset, flat in parts:
-                if flat.numel():
-                    # The view is dropped at once: the mapping closes with no export left.
-                    torch.frombuffer(mapped, dtype=flat.dtype, count=flat.numel(), offset=offset).copy_(flat)
+        # Plain writes, not a mapping: a full /dev/shm is an OSError (ENOSPC) here, never a SIGBUS,
+        # and on this VM they cost a third less than fallocate + copy (benchmarks/BENCHMARKS.md).
+        for offset, flat in parts:
+            data = memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else b""
+            while data:
+                written = os.pwrite(fd, data, offset)
+                data, offset = data[written:], offset + written
+        os.ftruncate(fd, max(size, 1))  # the padding after the last tensor
     except BaseException:
         os.unlink(path)
         raise
