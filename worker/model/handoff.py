@@ -51,7 +51,7 @@ def write_tensors(name: str, tensors: dict[str, torch.Tensor | None]) -> dict[st
         # Plain writes, not a mapping: a full /dev/shm is an OSError (ENOSPC) here, never a SIGBUS,
         # and on this VM they cost a third less than fallocate + copy (benchmarks/BENCHMARKS.md).
         for offset, flat in parts:
-            data = memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else b""
+            data = flat.view(torch.uint8).numpy().data if flat.numel() else memoryview(b"")
             while data:
                 written = os.pwrite(fd, data, offset)
                 data, offset = data[written:], offset + written
