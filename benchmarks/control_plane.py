@@ -219,14 +219,17 @@ class ControlPlanePlan:
     tiny_jobs: dict[str, int]
     warmup_jobs: int = 4
     prep_workers: tuple[int, ...] = ()  # one_tile with the instant engine at each pool size ((): not measured)
+    instant_model: str = INSTANT_MODEL
+    instant_tile: int = 448
     concurrency: int | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
 
 
 def control_plane_plan(quick: bool) -> ControlPlanePlan:
-    if quick:  # the instrument works; the figures are too few to mean much
+    if quick:  # the instrument works; the figures are too few to mean much (and no 448 px checkpoint to build)
         return ControlPlanePlan(jobs={"text": 8, "one_tile": 8, "twelve_tiles": 3, "video8": 3},
-                                tiny_jobs={"text": 4, "one_tile": 4, "twelve_tiles": 2, "video8": 2}, warmup_jobs=2)
+                                tiny_jobs={"text": 4, "one_tile": 4, "twelve_tiles": 2, "video8": 2}, warmup_jobs=2,
+                                instant_model=TINY_MODEL, instant_tile=56)
     return ControlPlanePlan(jobs={"text": 400, "one_tile": 400, "twelve_tiles": 80, "video8": 80},
                             tiny_jobs={"text": 200, "one_tile": 200, "twelve_tiles": 60, "video8": 60})
 
@@ -453,10 +456,10 @@ def bench_control_plane(root: Path, plan: ControlPlanePlan,
                         progress: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
     root = root.resolve()
     media = root / "store" / "media"
-    results: dict[str, Any] = {"max_new_tokens": 1, "instant_model": INSTANT_MODEL, "tiny_model": TINY_MODEL}
+    results: dict[str, Any] = {"max_new_tokens": 1, "instant_model": plan.instant_model, "tiny_model": TINY_MODEL}
     with _redis_and_client(root) as (server, client, r):
-        instant_reqs = build_requests(448, media, plan.jobs)
-        results["instant"] = run_worker_mixes(server.url, client, r, root, model=INSTANT_MODEL, instant=True,
+        instant_reqs = build_requests(plan.instant_tile, media, plan.jobs)
+        results["instant"] = run_worker_mixes(server.url, client, r, root, model=plan.instant_model, instant=True,
                                               requests=instant_reqs, warmup=plan.warmup_jobs, env=plan.extra_env,
                                               progress=progress)
         if plan.prep_workers and "one_tile" in instant_reqs:
@@ -464,7 +467,7 @@ def bench_control_plane(root: Path, plan: ControlPlanePlan,
             for count in plan.prep_workers:
                 env = {**plan.extra_env, "IVQ_PREPROCESS_WORKERS": str(count)}
                 by_pool[str(count)] = run_worker_mixes(
-                    server.url, client, r, root, model=INSTANT_MODEL, instant=True, env=env,
+                    server.url, client, r, root, model=plan.instant_model, instant=True, env=env,
                     requests={"one_tile": instant_reqs["one_tile"]}, warmup=plan.warmup_jobs,
                     progress=progress)["one_tile"]
             results["instant_one_tile_by_preprocess_workers"] = by_pool

@@ -1,6 +1,6 @@
 """`internvl-queue bench --quick --json` runs end to end and reports every headline.
 
-One subprocess run (about 70 s on 2 cores): the values are measurements
+One subprocess run (about 100 s on 2 idle cores, the control plane included): the values are measurements
 and are not checked here, only that the instrument produces each of them.
 """
 
@@ -37,12 +37,12 @@ def _by_mix_and_cap(table: dict) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(480)
+@pytest.mark.timeout(620)
 def test_quick_bench_prints_one_json_object_with_every_headline(tmp_path: Path) -> None:
     root = Path(__file__).resolve().parent.parent
     done = subprocess.run(
         [sys.executable, "-m", "worker.cli", "bench", "--quick", "--json", "--out", str(tmp_path / "bench")],
-        cwd=root, capture_output=True, text=True, timeout=460, check=False,
+        cwd=root, capture_output=True, text=True, timeout=600, check=False,
     )
     assert done.returncode == 0, done.stderr[-4000:]
     result = json.loads(done.stdout)  # stdout is exactly one JSON object; logs went to stderr
