@@ -122,6 +122,9 @@ class JobClient:
 
     def wait(self, job_id: str, timeout: float | None = None) -> JobStatus:
         """Block until the job ends; raises WaitTimeout after `timeout` seconds."""
+        status = self.status(job_id)  # one read; a job that already ended needs no subscription
+        if status.state.terminal:
+            return status
         for _ in self.events(job_id, timeout=timeout):
             pass
         status = self.status(job_id)

@@ -161,9 +161,10 @@ class JobStore:
         return bool(self.run("renew", claim.job_id, claim.token, repr(time.time() + self.lease_s)))
 
     def holds(self, claim: Claim) -> bool:
-        """Renew the lease, riding out a short Redis outage; False means the claim is lost."""
-        reply, _ = self._through_outage(lambda: self.renew(claim))
-        return bool(reply)
+        """Is the claim still this worker's? One read (the lease renewer keeps the lease), riding out
+        a short Redis outage; False means it is lost (cancelled or taken over)."""
+        reply, _ = self._through_outage(lambda: self.lost([claim]))
+        return not reply
 
     def progress(self, claim: Claim, completion_tokens: int, text: str) -> bool:
         """Record a running job's output so far (claim holder only) and announce it on its channel."""

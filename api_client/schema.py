@@ -44,6 +44,7 @@ class ErrorCode(str, enum.Enum):
     cancelled = "cancelled"
     poison = "poison"
     storage_unavailable = "storage_unavailable"
+    preprocess_crashed = "preprocess_crashed"
     internal_error = "internal_error"
     # A response_format that cannot be enforced (api_client/formats.py): refused at submit.
     invalid_schema = "invalid_schema"

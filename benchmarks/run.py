@@ -58,6 +58,7 @@ class Plan:
     thread_choices: list[int] = field(default_factory=lambda: [1, 2])
     structured_jobs: int = 32  # text jobs for structured_over_free, at the default cap
     structured_repeats: int = 2
+    quick: bool = False
 
 
 def default_cap(caps: list[int]) -> int:
@@ -74,7 +75,7 @@ def plan_for(quick: bool, model: str | None) -> Plan:
         return Plan(model=model or "tiny", engine_jobs=16, caps=caps, fixed_caps=caps, service_jobs=16,
                     celery_jobs=16, latency_long_jobs=cap // 2, idle_jobs=5, idle_mixes=("text", "one_tile"),
                     video_seconds=60, video_repeats=2, video_height=360, images=6, videos=2, max_batch_size=cap,
-                    max_wait_ms=wait, structured_jobs=cap, structured_repeats=1)
+                    max_wait_ms=wait, structured_jobs=cap, structured_repeats=1, quick=True)
     caps = [1, 4, 8, 16, 32]
     cap = default_cap(caps)
     return Plan(model=model or "small", engine_jobs=32, caps=caps, fixed_caps=caps, service_jobs=32,
@@ -125,6 +126,7 @@ class Phases:
 def run_all(plan: Plan, out: Path, progress) -> dict[str, Any]:
     from benchmarks.api_bench import bench_api_over_direct
     from benchmarks.celery_baseline import CeleryBaseline
+    from benchmarks.control_plane import bench_control_plane, control_plane_plan
     from benchmarks.engine_bench import bench_grouping, bench_mix, bench_short_job_latency, bench_threads, warm_up
     from benchmarks.mixes import build_media, build_mixes, write_media
     from benchmarks.report import machine_facts
@@ -138,6 +140,11 @@ def run_all(plan: Plan, out: Path, progress) -> dict[str, Any]:
     phase("video", f"video: sampling 8 frames from a {plan.video_seconds} s {plan.video_height}p clip")
     video = bench_video(out / "media", seconds=plan.video_seconds, repeats=plan.video_repeats,
                         height=plan.video_height)
+
+    # Its own redis-server and worker processes, before the in-process service (which would take its jobs).
+    phase("control_plane", "control plane: the real worker around an instant engine, then the tiny model")
+    results["control_plane"] = bench_control_plane(out / "control-plane", control_plane_plan(plan.quick),
+                                                   progress=progress)
 
     cap = plan.max_batch_size
     config = ServiceConfig(model=plan.model, out_dir=out, max_batch_size=cap, max_wait_ms=plan.max_wait_ms)
@@ -314,6 +321,8 @@ def targets(r: dict[str, Any], cap: str, top: str, max_wait_ms: float) -> dict[s
         "padding_waste_cut_by_grouping": {"value": pad["cost_aware"], "target": f"< {pad['fifo']}",
                                           "met": pad["cost_aware"] < pad["fifo"]},
         "video_sampling_speedup": check(r["video_sampling_speedup"], 5.0),
+        "control_plane_one_tile_model_process_cpu_ms": check(
+            r["control_plane"]["headline"]["instant_one_tile_model_process_cpu_ms"], 8.0, higher=False),
     }
 
 

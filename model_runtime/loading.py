@@ -18,7 +18,7 @@ import structlog
 
 log = structlog.get_logger(__name__)
 
-TINY_MODELS = ("tiny", "small")
+TINY_MODELS = ("tiny", "small", "tile448")
 _DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
            "float32": "float32", "fp32": "float32"}
 
@@ -111,7 +111,7 @@ def load_runtime(
     quantization: str = "none",
 ) -> Loaded:
     import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     started = time.perf_counter()
     device = choose_device(device)
@@ -138,13 +138,7 @@ def load_runtime(
         net = net.to(device)  # type: ignore[arg-type]
     net.eval()
 
-    processor = AutoProcessor.from_pretrained(path, cache_dir=hub_cache)
-    # Batches are left-padded so every row's last prompt token is where generation starts.
-    processor.tokenizer.padding_side = "left"
-    if processor.tokenizer.pad_token is None:
-        processor.tokenizer.pad_token = processor.tokenizer.eos_token
-
-    _prime_processor(processor)
+    processor = load_processor(path, cache_dir=hub_cache)
     from model_runtime.structured import build_grammars
 
     grammars = build_grammars(processor.tokenizer, net)
@@ -158,6 +152,19 @@ def load_runtime(
         model=net, processor=processor, model_id=model, device=device, dtype=dtype,
         attn_implementation=attention, load_seconds=seconds, quantization=quantization, grammars=grammars,
     )
+
+
+def load_processor(path: str, *, cache_dir: str | None = None) -> Any:
+    """The checkpoint's processor as the engine expects it (also what a preprocessing process loads)."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(path, cache_dir=cache_dir)
+    # Batches are left-padded so every row's last prompt token is where generation starts.
+    processor.tokenizer.padding_side = "left"
+    if processor.tokenizer.pad_token is None:
+        processor.tokenizer.pad_token = processor.tokenizer.eos_token
+    _prime_processor(processor)
+    return processor
 
 
 def _prime_processor(processor: Any) -> None:

@@ -10,9 +10,10 @@ The model's output is gibberish by design: it has never been trained. It
 exercises the real transformers code path (vision tower, pixel shuffle,
 projector, Qwen2 decoder, chat template, tiling, video frames), not quality.
 
-Two sizes: "tiny" (builds in well under a second, for tests) and "small"
+Three sizes: "tiny" (builds in well under a second, for tests), "small"
 (224 px tiles, a wider decoder) where compute matters enough on a CPU for
-batching benchmarks to mean something.
+batching benchmarks to mean something, and "tile448" (the tiny towers behind
+the real 448 px tile, for the host-path benchmark).
 """
 
 from __future__ import annotations
@@ -94,6 +95,9 @@ class TinySpec:
 SPECS = {
     "tiny": TinySpec(56, 14, 32, 1, 2, 64, 2, 4, 2, 384, 4096),
     "small": TinySpec(224, 14, 192, 4, 4, 256, 4, 8, 2, 512, 8192),
+    # InternVL3's real tile (448 px, 256 tokens per tile) on the tiny towers: the host path's
+    # processor and prompt sizes are the real ones (benchmarks/control_plane.py).
+    "tile448": TinySpec(448, 14, 32, 1, 2, 64, 2, 4, 2, 384, 8192),
 }
 
 

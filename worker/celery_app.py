@@ -8,11 +8,11 @@ An attempt is counted in `ivq_callbacks` and a retry goes back through the
 app's one `Dispatcher` (api_client/dispatch.py), like every message a worker sends.
 
 JSON only (a pickle message is refused), late acks, reject on worker loss,
-prefetch 1, queues "infer" (GPU) and "callbacks" (cheap), task events on so
-Flower and `celery inspect` work. `create_app(settings)` is what the CLI
-uses; `celery -A worker.celery_app worker --pool threads` also works: the
-module attribute `app` is built from the environment on first access, not
-on import.
+prefetch 1, queues "infer" (GPU) and "callbacks" (cheap); task events for
+Flower with IVQ_TASK_EVENTS=true (off by default: they cost Redis commands
+per job). `create_app(settings)` is what the CLI uses; `celery -A
+worker.celery_app worker --pool threads` also works: the module attribute
+`app` is built from the environment on first access, not on import.
 """
 
 from __future__ import annotations
@@ -64,8 +64,8 @@ def create_app(settings: Settings) -> Celery:
         broker_transport_options={**keys.broker_transport_options(settings.visibility_timeout_s),
                                   "unacked_restore_throttle": 1},
         broker_connection_retry_on_startup=True,
-        worker_send_task_events=True,
-        task_send_sent_event=True,
+        worker_send_task_events=settings.task_events,
+        task_send_sent_event=settings.task_events,
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,  # our JSON lines go to stdout as they are
         worker_soft_shutdown_timeout=float(settings.drain_timeout_s),

@@ -1,8 +1,11 @@
 """WorkerRuntime: one worker process's long-lived pieces and their lifecycle.
 
-Start (fail fast, like TGI): connect Redis, open the store, load the model,
-warm up at the largest batch, start the one model thread (worker/model/thread.py)
-and build the `JobContext` every job uses (worker/jobs/pipeline.py); then start the
+Start (fail fast, like TGI): connect Redis, open the store, start the
+preprocessing processes (worker/jobs/prep_pool.py; they load the processor
+while this process loads the model), load the model, warm up at the largest
+batch, start the one model thread (worker/model/thread.py), wait for the
+preprocessing processes, and build the `JobContext` every job uses
+(worker/jobs/pipeline.py); then start the
 lease renewer, the cancel watcher and the sweeper (and, for the continuous engine, the
 progress publisher, worker/jobs/progress.py). Only then is the worker ready.
 Drain (SIGTERM): stop taking jobs, let the requests the engine admitted finish
@@ -31,7 +34,9 @@ from worker.jobs.callbacks import build_delivery
 from worker.jobs.held import HeldClaims
 from worker.ops.metrics import Metrics
 from worker.model.thread import ModelThread, start_model_thread
-from worker.jobs.pipeline import JobContext
+from worker.jobs.inputs import InputEnv, InThreadInputs
+from worker.jobs.pipeline import Inputs, JobContext
+from worker.jobs.prep_pool import PrepPool
 from worker.jobs.progress import ProgressPublisher
 from worker.io.results_store import open_store
 from worker.settings import Settings
@@ -79,6 +84,7 @@ class WorkerRuntime:
         self.load_model = load_model
         self.model_thread: ModelThread | None = None
         self.progress: ProgressPublisher | None = None
+        self.prep: PrepPool | None = None  # None: inputs are prepared on the task threads
         self.ctx: JobContext | None = None  # None on a callbacks-only worker
         self.server: ObservabilityServer | None = None
         self._stop = threading.Event()
@@ -106,9 +112,14 @@ class WorkerRuntime:
         return self
 
     def _load(self) -> JobContext:
-        from model_runtime.loading import load_runtime
+        from model_runtime.loading import load_runtime, resolve_model_path
 
         s = self.settings
+        if s.resolved_preprocess_workers:
+            path = resolve_model_path(s.model, s.resolved_model_cache_dir)
+            # Started first: the processes load the processor while this one loads the model.
+            self.prep = PrepPool(s, model_path=path, size=s.resolved_preprocess_workers,
+                                 cache_dir=None if os.path.isdir(path) else str(s.resolved_model_cache_dir)).start()
         loaded = load_runtime(
             s.model, cache_dir=s.resolved_model_cache_dir, device=s.device, dtype=s.dtype,
             attn_implementation=s.attn_implementation, quantization=s.quantization,
@@ -123,10 +134,17 @@ class WorkerRuntime:
             self.progress = ProgressPublisher(self.jobs, loaded.processor.tokenizer).start()
         self.metrics.set_info(model=loaded.model_id, device=loaded.device, dtype=str(loaded.dtype),
                               attention=loaded.attn_implementation, worker_id=self.worker_id)
+        inputs: Inputs
+        if self.prep is not None:
+            inputs = self.prep.wait_ready(context_length=loaded.context_length)
+        else:
+            inputs = InThreadInputs(InputEnv(settings=s, media=self.store.fetcher, processor=loaded.processor,
+                                             media_limits=s.media_limits(), context_length=loaded.context_length))
         return JobContext(settings=s, jobs=self.jobs, held=self.held, dispatch=self.dispatch,
                           media=self.store.fetcher, results=self.store,
                           queue=self.model_thread.queue, loaded=loaded, media_limits=s.media_limits(),
-                          metrics=self.metrics, is_draining=self._draining.is_set, progress=self.progress)
+                          metrics=self.metrics, is_draining=self._draining.is_set, inputs=inputs,
+                          progress=self.progress)
 
     def begin_drain(self) -> None:
         """SIGTERM: not ready, take no new jobs, hand back those the engine has not admitted."""
@@ -148,6 +166,8 @@ class WorkerRuntime:
             self.model_thread.stop(self.settings.drain_timeout_s)
         if self.progress is not None:
             self.progress.stop()
+        if self.prep is not None:
+            self.prep.stop()
         for t in self._threads:
             t.join(timeout=5)
         self.redis.close()

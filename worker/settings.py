@@ -18,6 +18,18 @@ if TYPE_CHECKING:
     from model_runtime.media import MediaLimits
 
 
+def usable_cpus() -> int:
+    """CPUs this process may use: its affinity, capped by a cgroup v2 quota (a container's CPU limit)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="IVQ_", extra="ignore")
 
@@ -60,6 +72,10 @@ class Settings(BaseSettings):
     max_batch_cost: float | None = None  # static engine: None means the size limit only
     max_wait_ms: float = Field(default=20.0, ge=0)  # static engine: how long a batch waits to fill
     concurrency: int | None = None  # task threads; default 2 * max_batch_size
+    # Processes that fetch, decode and run the processor, so the model process's GIL stays on the
+    # model loop (worker/jobs/prep_pool.py). None: the cores less one (at least 1, at most 16);
+    # 0: on the task threads, in the model process.
+    preprocess_workers: int | None = Field(default=None, ge=0)
 
     # Media limits (checked in the worker on the real bytes); media_limits() hands them on.
     max_image_bytes: int = 20 * 1024 * 1024
@@ -109,6 +125,9 @@ class Settings(BaseSettings):
 
     # Operations.
     metrics_port: int | None = None  # None: no HTTP server
+    # Celery task events (task-received/started/succeeded), which Flower needs: off by default, they
+    # cost Redis a PUBLISH per event (benchmarks/BENCHMARKS.md, control plane). `celery inspect` works either way.
+    task_events: bool = False
     log_level: str = "INFO"
     worker_id: str | None = None
     queues: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["infer", "callbacks"])
@@ -170,6 +189,12 @@ class Settings(BaseSettings):
     @property
     def resolved_concurrency(self) -> int:
         return self.concurrency or max(2, 2 * self.max_batch_size)
+
+    @property
+    def resolved_preprocess_workers(self) -> int:
+        if self.preprocess_workers is not None:
+            return self.preprocess_workers
+        return max(1, min(16, usable_cpus() - 1))
 
     @property
     def resolved_worker_id(self) -> str:

@@ -6,14 +6,14 @@ if ARGV[7] == '1' then
   if existing then return {0, existing} end
   redis.call('SET', KEYS[9], ARGV[1], 'EX', ARGV[8])
 end
-redis.call('HSET', KEYS[1], 'job_id', ARGV[1], 'state', 'queued', 'request', ARGV[3], 'priority', ARGV[4],
-           'deadline', ARGV[5], 'created_at', ARGV[2], 'queued_at', ARGV[2], 'attempts', 0, 'crashes', 0,
-           'tenant', ARGV[9])
-if ARGV[10] ~= '' then redis.call('HSET', KEYS[1], 'batch_id', ARGV[10]) end
+local fields = {'job_id', ARGV[1], 'state', 'queued', 'request', ARGV[3], 'priority', ARGV[4], 'deadline', ARGV[5],
+                'created_at', ARGV[2], 'queued_at', ARGV[2], 'attempts', 0, 'crashes', 0, 'tenant', ARGV[9]}
+if ARGV[10] ~= '' then fields[#fields + 1] = 'batch_id'; fields[#fields + 1] = ARGV[10] end
+redis.call('HSET', KEYS[1], unpack(fields))
 redis.call('EXPIRE', KEYS[1], ARGV[6])
-count(nil, 'queued')
+count(nil, 'queued', {ARGV[9], ARGV[10]})
 redis.call('EXPIRE', KEYS[8], JOB_TTL)
 if ARGV[10] == '' then index(5, ARGV[2]) end
 if ARGV[5] ~= '' then index(6, ARGV[5]) end
-emit('queued', ARGV[2], nil)
+emit('queued', ARGV[2], nil, nil, true)  -- the job id is new: no one listens on its channel yet
 return {1, ARGV[1]}

@@ -1,5 +1,7 @@
 -- succeed: see api_client/jobstate.py. ARGV: job_id, token, now, fields_json
-local held, state = holder(ARGV[2])
+-- The result fields, the state and finished_at go in one HSET (end_job's `fields`).
+local held, state, request = holder(ARGV[2], true)
 if not held then return {0, state, ''} end
-for k, v in pairs(cjson.decode(ARGV[4])) do redis.call('HSET', KEYS[1], k, v) end
-return {1, 'succeeded', end_job('succeeded', ARGV[3], nil, nil)}
+local fields = {}
+for k, v in pairs(cjson.decode(ARGV[4])) do fields[#fields + 1] = k; fields[#fields + 1] = v end
+return {1, 'succeeded', end_job('succeeded', ARGV[3], nil, nil, {request = request, running = true, fields = fields})}

@@ -22,6 +22,7 @@ from worker.io.media_fetch import (
     StorageUnavailable,
 )
 from worker.io.netguard import ForbiddenURL
+from worker.jobs.prep_pool import PreprocessCrashed
 
 
 @pytest.mark.parametrize(("exc", "action", "code"), [
@@ -35,6 +36,7 @@ from worker.io.netguard import ForbiddenURL
     (JobFailed("404 from media host", code=ErrorCode.media_not_found), Action.FAIL, ErrorCode.media_not_found),
     (JobFailed("502", code=ErrorCode.storage_unavailable, retryable=True), Action.RETRY,
      ErrorCode.storage_unavailable),
+    (PreprocessCrashed("the preprocessing process died"), Action.FAIL, ErrorCode.preprocess_crashed),
     (BatcherClosed(), Action.REQUEUE, ErrorCode.internal_error),
     (Draining(), Action.REQUEUE, ErrorCode.internal_error),
     (concurrent.futures.TimeoutError(), Action.RETRY, ErrorCode.timeout),  # a future's wait ran out

@@ -45,3 +45,11 @@ def test_every_media_limit_comes_from_the_setting_of_the_same_name():
     limits = Settings(**changed).media_limits()
     assert isinstance(limits, MediaLimits)
     assert {name: getattr(limits, name) for name in names} == changed
+
+
+def test_preprocess_workers_default_to_the_usable_cpus_less_one_and_zero_means_in_process() -> None:
+    from worker.settings import usable_cpus
+
+    assert Settings().resolved_preprocess_workers == max(1, min(16, usable_cpus() - 1))
+    assert Settings(preprocess_workers=0).resolved_preprocess_workers == 0
+    assert Settings(preprocess_workers=3).resolved_preprocess_workers == 3

@@ -1,9 +1,10 @@
 """The path of one job through a worker, on its task thread.
 
-claim (api_client/jobstate.py) → fetch media (worker/io/media_fetch.py) → decode
-and build the prompt (model_runtime) → the model thread's queue → wait on its
-future → write the result JSON (worker/io/results_store.py) → succeed (claim
-holder only) → announce the event (api_client/dispatch.py).
+claim (api_client/jobstate.py) → the job's inputs: fetch, decode and the processor
+(worker/jobs/inputs.py), in a preprocessing process (worker/jobs/prep_pool.py)
+or on this thread → the model thread's queue → wait on its future → write the
+result JSON (worker/io/results_store.py) → succeed (claim holder only) →
+announce the event (api_client/dispatch.py).
 
 Every error rises to one place, `_handle_error`, which asks worker/jobs/errors.py
 what happens next. `JobContext` holds what the path needs; WorkerRuntime
@@ -24,17 +25,15 @@ import structlog
 from api_client.dispatch import Dispatcher
 from api_client.formats import CompiledFormat, FormatRejected, compile_format
 from api_client.jobstate import Claim, JobStore
-from api_client.schema import ErrorCode, ImageItem, JobRequest, JobResult, Timings, Usage, VideoItem
+from api_client.schema import ErrorCode, JobRequest, JobResult, Timings, Usage
 from worker.jobs.errors import Action, Draining, JobFailed, backoff_delay, classify
 from worker.jobs.held import HeldClaims
 from worker.model.thread import BatchOutcome
-from worker.io.netguard import guarded_request
 from worker.ops.metrics import Metrics
 from worker.jobs.progress import ProgressPublisher
 from worker.settings import Settings
 from worker.io.media_fetch import MediaFetcher
 from worker.io.results_store import ObjectStore
-from worker.jobs.translate import chat_of, sampling_of
 
 if TYPE_CHECKING:
     from model_runtime.loading import Loaded
@@ -56,6 +55,12 @@ class ModelQueue(Protocol):
     def submit(self, item: Prepared, *, announced: bool = False) -> Future[BatchOutcome]: ...
 
 
+class Inputs(Protocol):
+    """Where a job's inputs are prepared: worker/jobs/prep_pool.py `PrepPool`, or `InThreadInputs` below."""
+
+    def prepare(self, job_id: str, request_json: str, request: JobRequest, *, deadline: float) -> Prepared: ...
+
+
 @dataclass(frozen=True)
 class JobContext:
     """Everything the job path needs, built once per worker by WorkerRuntime."""
@@ -71,6 +76,7 @@ class JobContext:
     media_limits: MediaLimits
     metrics: Metrics
     is_draining: Callable[[], bool]
+    inputs: Inputs
     progress: ProgressPublisher | None = None  # None: no live progress (off, or the static engine)
 
 
@@ -99,8 +105,6 @@ def process_job(ctx: JobContext, job_id: str) -> str:
 
 
 def _run(ctx: JobContext, claim: Claim, lost: Callable[[], bool]) -> str:
-    from model_runtime.prompts import prepare  # the model stack loads only in workers
-
     started = time.time()
     deadline = time.monotonic() + ctx.settings.job_timeout_s
     queued_s = max(0.0, started - claim.queued_at)
@@ -109,11 +113,7 @@ def _run(ctx: JobContext, claim: Claim, lost: Callable[[], bool]) -> str:
     try:
         request = JobRequest.model_validate_json(claim.request_json)
         compiled = _format_of(request)
-        media = {item.url: _decode(ctx, item) for item in request.media_items()}
-        prepared = prepare(
-            ctx.loaded.processor, chat_of(request), media, sampling_of(request.generation),
-            request_id=claim.job_id, max_tiles=ctx.settings.max_tiles, context_length=ctx.loaded.context_length,
-        )
+        prepared = ctx.inputs.prepare(claim.job_id, claim.request_json, request, deadline=deadline)
         if compiled is not None:  # compiled here (or found in the model's cache), off the model thread
             prepared.constraint = ctx.loaded.grammars.constraint(compiled.grammar)
     except BaseException:
@@ -184,36 +184,6 @@ def _structured_fields(compiled: CompiledFormat | None, text: str, complete: boo
     except ValueError:  # the grammar said complete; never pass off what does not parse
         log.error("structured_output_unparsable", chars=len(text))
         return {"output_complete": False}
-
-
-def _decode(ctx: JobContext, item: ImageItem | VideoItem) -> Any:
-    from model_runtime.media import decode_image, decode_video
-
-    limits = ctx.media_limits
-    max_bytes = limits.max_image_bytes if isinstance(item, ImageItem) else limits.max_video_bytes
-    if item.url.startswith(("https://", "http://")):
-        data = _fetch_https(ctx.settings, item.url, max_bytes)
-    else:
-        data = ctx.media.get_bytes(item.url, max_bytes=max_bytes)
-    if isinstance(item, ImageItem):
-        return decode_image(data, limits)
-    return decode_video(data, limits, item.num_frames)
-
-
-def _fetch_https(settings: Settings, url: str, max_bytes: int) -> bytes:
-    if not settings.allow_https_media:
-        raise JobFailed("http(s) media is disabled on this service; use s3://", code=ErrorCode.forbidden_url)
-    resp = guarded_request("GET", url, headers={}, body=None, timeout_s=30, max_response_bytes=max_bytes + 1,
-                           allow_private=settings.callback_allow_private)
-    if resp.status == 404:
-        raise JobFailed(f"{resp.status} from media host", code=ErrorCode.media_not_found)
-    if resp.status >= 500:
-        raise JobFailed(f"{resp.status} from media host", code=ErrorCode.storage_unavailable, retryable=True)
-    if resp.status != 200:
-        raise JobFailed(f"{resp.status} from media host", code=ErrorCode.invalid_media)
-    if len(resp.body) > max_bytes:
-        raise JobFailed(f"media over {max_bytes} bytes", code=ErrorCode.media_too_large)
-    return resp.body
 
 
 def _handle_error(ctx: JobContext, claim: Claim, exc: BaseException) -> str:
