@@ -323,14 +323,20 @@ def test_min_new_tokens_holds_eos_back_in_both_engines(tiny_runtime, media):
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_packed_prefill_gives_solo_tokens_with_sdpa_and_eager(tiny_runtime, tiny_model_dir, tmp_path, media, attention):
+def test_prompts_prefilled_together_give_solo_tokens_with_sdpa_and_eager(tiny_runtime, tiny_model_dir, tmp_path, media,
+                                                                        attention):
     from model_runtime.loading import load_runtime
+    from model_runtime.prefill import similar_length_groups
 
     loaded = load_runtime(str(tiny_model_dir), cache_dir=tmp_path, device="cpu", attn_implementation=attention)
     assert loaded.attn_implementation == attention
-    items = mixed(tiny_runtime, media)
-    eng = ContinuousEngine(loaded, max_batch_size=8, max_batch_tokens=100_000, prefill_chunk_tokens=4096,
+    alike = [prep(tiny_runtime, simple_chat(f"Describe picture {i}, please" + " now" * (i % 3), images=[IMG]), media,
+                  Sampling(max_new_tokens=12), f"alike-{i}") for i in range(4)]
+    items = mixed(tiny_runtime, media) + alike
+    groups = similar_length_groups([p.prompt_tokens for p in items])
+    assert any(len(group) >= 4 for group in groups) and len(groups) < len(items)
+    eng = ContinuousEngine(loaded, max_batch_size=16, max_batch_tokens=100_000, prefill_chunk_tokens=4096,
                            vision_chunk_tiles=64)
     outs = eng.run_until_done(items)
-    assert eng.stats.prefill_chunks == 1  # every prompt in one packed forward
+    assert eng.stats.prefill_chunks == len(groups)  # one forward per group of similar lengths, all in one step
     assert [o.token_ids for o in outs] == [solo_tokens(tiny_runtime, p) for p in items]
