@@ -135,6 +135,9 @@ def markdown(r: dict[str, Any]) -> str:
                        for c in fixed_caps]
                 + [fixed["continuous_over_static"][m], details["engine_fixed_lengths"][m]["sequential"]["jobs_per_s"]]
                 for m in fixed["continuous_over_sequential"]]),
+        "", (f"`continuous_over_static_fixed_min` (the lowest continuous/static over the mixes at "
+             f"{fixed['max_new_tokens']} tokens, cap {fixed.get('default_cap', cap)}): "
+             f"{r.get('continuous_over_static_fixed_min', 'not measured')}."),
         "", (f"### short_job_latency (one_tile, cap {lat['cap']}: {lat['long_jobs']} jobs of {lat['long_tokens']} "
              f"tokens running, then {lat['short_jobs']} jobs of {lat['short_tokens']} tokens, one every "
              f"{lat['gap_ms']} ms; submit → result)"), "",

@@ -5,14 +5,20 @@ Only the model thread calls it. Each `step()`:
 2. admits waiting requests while there is room: `max_batch_size` rows and a
    KV budget in tokens (`max_batch_tokens`, counted as the batch's padded
    worst case: rows × the longest prompt + max_new_tokens among them);
+   while rows decode and under a quarter of the cap is free, joins are
+   gathered for at most `JOIN_DEFER_STEPS` steps (one prefill, not one each);
 3. runs the vision tower once over the next tiles of the joining requests
-   (at most `vision_chunk_tiles`; tiles are all one size, so nothing pads)
-   and splits the features back per request;
+   (at most `vision_chunk_tiles` per joining request; tiles are all one
+   size, so nothing pads) and splits the features back per request;
 4. prefills joining requests from `inputs_embeds`, at most
-   `prefill_chunk_tokens` prompt tokens a step: whole short prompts packed
-   into one forward with a block-diagonal mask (model_runtime/prefill.py),
-   longer ones in chunks, so a 12-tile prompt cannot stall the running rows
-   for its whole length (with no row running, budgets are 8x: nobody waits); a finished prefill joins the running batch
+   `prefill_chunk_tokens` prompt tokens per joining request a step: whole
+   prompts of similar length in one left-padded forward
+   (model_runtime/prefill.py), longer ones in chunks, so a 12-tile prompt
+   cannot stall the running rows for its whole length. Budgets per joiner
+   (not per step) refill the rows that left in one step: short jobs leave
+   together and would otherwise trickle back one chunk a step while the
+   batch runs below its cap. With no row running, budgets are at least 8
+   chunks: nobody waits. A finished prefill joins the running batch
    (`RunningBatch.concatenate`);
 5. decodes one token for every running row, each with its own sampling, and
    resolves those that ended: EOS, their own max_new_tokens or a stop string.
@@ -44,7 +50,7 @@ import torch
 
 from model_runtime.running_batch import ContinuousStats, Joining, Row, RunningBatch
 from model_runtime.engine_memory import MemoryPolicy, as_failure
-from model_runtime.prefill import chunk_prefill, embed_prompt, image_features, packed_prefill
+from model_runtime.prefill import chunk_prefill, embed_prompt, image_features, padded_prefill, similar_length_groups
 from model_runtime.sampling import choose_tokens, new_generator
 from model_runtime.structured import StructuredDecoding
 from model_runtime.text import cut_at_stop, decode_text
@@ -55,7 +61,8 @@ from model_runtime.types import (
 log = structlog.get_logger(__name__)
 
 Finished = tuple[Prepared, "Output | BaseException"]
-IDLE_BUDGET_SCALE = 8  # vision and prefill budgets per step while no row is decoding
+IDLE_BUDGET_SCALE = 8  # vision and prefill chunks per step at least, while no row is decoding
+JOIN_DEFER_STEPS = 4  # a waiting request holds back at most this many steps to join with others
 PROGRESS_INTERVAL_S = 0.25  # a request's on_progress hook, at most this often
 
 
@@ -86,6 +93,7 @@ class ContinuousEngine(MemoryPolicy):
         self._ready: list[RunningBatch] = []  # prefilled this step, joining at the step's end
         self._join_limit = max_batch_size  # halved when joiners run out of memory together
         self._admit_below: int | None = None  # after a join OOM: wait until fewer rows run than this
+        self._deferred = 0  # steps the head of the queue has held back to join with others
 
     # ------------------------------------------------------------ the driver's side
     def add(self, prepared: Prepared) -> None:
@@ -122,8 +130,7 @@ class ContinuousEngine(MemoryPolicy):
             decoding = self._running is not None
             work_before = self.stats.vision_calls + self.stats.prefill_chunks
             join_started = time.perf_counter()
-            # The budgets bound the pause of running rows; with none running, nobody waits on a larger one.
-            scale = 1 if decoding else IDLE_BUDGET_SCALE
+            scale = self._budget_scale(decoding)
             self._encode_tiles(finished, self.vision_chunk_tiles * scale)
             vision_done = time.perf_counter()
             self._prefill(finished, self.prefill_chunk_tokens * scale)
@@ -141,6 +148,13 @@ class ContinuousEngine(MemoryPolicy):
         self.stats.steps += 1
         self.stats.generate_seconds += time.perf_counter() - started
         return finished
+
+    def _budget_scale(self, decoding: bool) -> int:
+        """This step's vision and prefill budgets, in chunks: one per joining request, so rows that
+        left are refilled in one step instead of one chunk a step while the batch runs below its cap
+        (short jobs leave faster than that); at least `IDLE_BUDGET_SCALE` while no row decodes."""
+        joining = len(self._joining)
+        return max(joining, IDLE_BUDGET_SCALE) if not decoding else max(joining, 1)
 
     def warmup(self, batch_size: int | None = None, *, max_new_tokens: int = 16) -> float:
         """Run the largest batch of 12-tile image requests; raise on any failure. Returns seconds."""
@@ -196,6 +210,8 @@ class ContinuousEngine(MemoryPolicy):
             if running >= self._admit_below:
                 return
             self._admit_below = None
+        if self._defer_join(running):
+            return
         while self._waiting and self.active < self.max_batch_size and len(self._joining) < self._join_limit:
             prepared, added_at = self._waiting[0]
             alone = prepared.prompt_tokens + prepared.sampling.max_new_tokens
@@ -215,6 +231,19 @@ class ContinuousEngine(MemoryPolicy):
                       # A fresh matcher also when a preempted row is recomputed: reset, then replayed.
                       matcher=prepared.constraint.matcher() if prepared.constraint is not None else None)
             self._joining.append(Joining(row))
+
+    def _defer_join(self, running: int) -> bool:
+        """True while joins are gathered: rows decode, fewer than a quarter of the cap is free and more
+        wait than that, for at most JOIN_DEFER_STEPS steps. Rows that leave one by one are then refilled
+        in one vision call and one prefill forward instead of one each (measured: 11 -> 8 prefill
+        forwards at 16 tokens, text, same steps and mean batch)."""
+        free = self.max_batch_size - self.active
+        wanted = min(max(1, self.max_batch_size // 4), len(self._waiting))
+        if not running or free >= wanted or self._deferred >= JOIN_DEFER_STEPS:
+            self._deferred = 0
+            return False
+        self._deferred += 1
+        return True
 
     # ------------------------------------------------------------ 3. vision tower
     def _encode_tiles(self, finished: list[Finished], budget: int) -> None:
@@ -261,44 +290,52 @@ class ContinuousEngine(MemoryPolicy):
 
     # ------------------------------------------------------------ 4. prefill
     def _prefill(self, finished: list[Finished], budget: int) -> None:
-        """Spend this step's prompt-token budget: whole short prompts packed together, the rest in chunks."""
-        pack: list[Joining] = []
+        """Spend this step's prompt-token budget: whole prompts in groups of similar length, the rest in chunks."""
+        whole: list[Joining] = []
         chunks: list[tuple[Joining, int]] = []  # (joiner, prefill up to)
         for joining in self._joining:
             if joining.embeds is None or budget <= 0:
                 continue
             length = int(joining.embeds.shape[1])
             if joining.prefilled == 0 and length <= budget:
-                pack.append(joining)
+                whole.append(joining)
                 budget -= length
             else:
                 take = min(length - joining.prefilled, budget)
                 chunks.append((joining, joining.prefilled + take))
                 budget -= take
-        if len(pack) == 1:
-            chunks.insert(0, (pack[0], int(pack[0].ready_embeds.shape[1])))
-            pack = []
-        if pack and not self._prefill_packed(pack, finished):
-            return
+        groups = [[whole[i] for i in group]
+                  for group in similar_length_groups([int(j.ready_embeds.shape[1]) for j in whole])]
+        for group in groups:
+            if len(group) == 1:  # alone: no padding, no mask
+                chunks.insert(0, (group[0], int(group[0].ready_embeds.shape[1])))
+            elif not self._prefill_group(group, finished):
+                return
         for joining, end in chunks:
             if not self._prefill_chunk(joining, end, finished):
                 return  # after an OOM the others try again next step, within the lowered limits
 
-    def _prefill_packed(self, pack: list[Joining], finished: list[Finished]) -> bool:
+    def _prefill_group(self, group: list[Joining], finished: list[Finished]) -> bool:
         try:
-            logits, caches = packed_prefill(self.model, [j.ready_embeds for j in pack], self.attn_implementation)
+            logits, cache, mask = padded_prefill(self.model, [j.ready_embeds for j in group])
         except Exception as exc:  # noqa: BLE001
             if isinstance(exc, torch.cuda.OutOfMemoryError):
-                self._joining_failed(pack, exc, finished)
+                self._joining_failed(group, exc, finished)
                 return False
-            for joining in pack:  # find the one that fails: each alone
+            for joining in group:  # find the one that fails: each alone
                 self._prefill_chunk(joining, int(joining.ready_embeds.shape[1]), finished)
             return True
         self.stats.prefill_chunks += 1
-        self.stats.prefill_tokens += sum(int(j.ready_embeds.shape[1]) for j in pack)
-        for index, joining in enumerate(pack):
-            joining.cache, joining.prefilled = caches[index], int(joining.ready_embeds.shape[1])
-            self._joined(joining, logits[index : index + 1], finished)
+        self.stats.prefill_tokens += int(mask.sum())
+        first: list[int | None] = []
+        for index, joining in enumerate(group):
+            joining.prefilled = int(joining.ready_embeds.shape[1])
+            first.append(self._joined(joining, logits[index : index + 1], finished))
+        keep = [index for index, token in enumerate(first) if token is not None]
+        if keep:  # the rows that did not end on their first token
+            batch = RunningBatch.from_prefill([j.row for j in group], cache, mask, [t or 0 for t in first])
+            batch.filter(keep)
+            self._ready.append(batch)
         return True
 
     def _prefill_chunk(self, joining: Joining, end: int, finished: list[Finished]) -> bool:
@@ -311,22 +348,24 @@ class ContinuousEngine(MemoryPolicy):
         joining.cache, joining.prefilled = out.past_key_values, end
         self.stats.prefill_chunks += 1
         self.stats.prefill_tokens += end - start
-        if end == joining.ready_embeds.shape[1]:
-            self._joined(joining, out.logits[:, -1, :], finished)
+        if end < joining.ready_embeds.shape[1]:
+            return True
+        if (token := self._joined(joining, out.logits[:, -1, :], finished)) is not None:
+            mask = torch.ones((1, end), dtype=torch.long, device=self.device)
+            self._ready.append(RunningBatch.from_prefill([joining.row], joining.cache, mask, [token]))
         return True
 
-    def _joined(self, joining: Joining, logits: torch.Tensor, finished: list[Finished]) -> None:
+    def _joined(self, joining: Joining, logits: torch.Tensor, finished: list[Finished]) -> int | None:
+        """The joiner's prompt is prefilled: its first token, or None when that already ended it."""
         self._joining.remove(joining)
         self._join_limit = min(self.max_batch_size, self._join_limit + 1)
-        self._start_decoding(joining, logits, finished)
+        return self._start_decoding(joining, logits, finished)
 
-    def _start_decoding(self, joining: Joining, logits: torch.Tensor, finished: list[Finished]) -> None:
+    def _start_decoding(self, joining: Joining, logits: torch.Tensor, finished: list[Finished]) -> int | None:
         row = joining.row
         token = choose_tokens(logits, [row.prepared.sampling], [row.seen], [row.generator], generated=[0],
                               eos_ids=self.eos_ids, masks=self.structured.now(row.matcher))[0]
-        if self._advance(row, token, finished):
-            return
-        self._ready.append(RunningBatch.from_prefill(row, joining.cache, int(joining.ready_embeds.shape[1]), token))
+        return None if self._advance(row, token, finished) else token
 
     def _merge_ready(self) -> None:
         """Requests prefilled this step join the running batch, in one copy of the cache."""

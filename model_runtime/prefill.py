@@ -1,14 +1,17 @@
 """Prompt side of the continuous engine: vision features, prompt embeddings, and prefill
-(whole short prompts packed into one forward, long ones in chunks).
+(whole prompts of similar length in one left-padded forward, long ones in chunks).
 
-Packing puts several requests' prompt embeddings in one row, each with its
-own position ids (restarting at 0) and a block-diagonal causal mask, so every
-token attends to its own request only: one forward, nobody computes on
-anybody's padding. The packed row's cache is then cut back into one cache per
-request. The mask is built in the form the attention implementation takes
-(transformers passes a ready 4D mask through as it is): booleans for sdpa,
-additive floats for eager; flash_attention_2 takes no mask and finds the
-sequence boundaries in the position ids (varlen).
+Whole prompts that join in one step are sorted by length and cut into groups
+whose padding stays under `PAD_SLACK` of their tokens (`similar_length_groups`);
+each group is one forward over a left-padded batch, with an attention mask
+and per-row position ids, exactly as `generate` prefills a batch, so every row
+computes what it would alone. Its cache comes out already in the running
+batch's layout (left-padded rows), so nothing is cut apart afterwards.
+
+Groups, not one packed row: packing every prompt into one sequence with a
+block-diagonal mask makes sdpa and eager attend over the whole pack (quadratic
+in the sum of the lengths). Measured on the "small" CPU model, 16 one-tile
+prompts (1657 tokens): packed 606 ms, one padded group 201 ms.
 """
 
 from __future__ import annotations
@@ -44,39 +47,46 @@ def embed_prompt(model: Any, ids: torch.Tensor, features: list[torch.Tensor], im
     return embeds[None]
 
 
-def block_causal_mask(lengths: list[int], attn_implementation: str, dtype: torch.dtype,
-                      device: Any) -> torch.Tensor | None:
-    """(1, 1, total, total): token i sees token j iff both belong to one request and j <= i."""
-    if attn_implementation == "flash_attention_2":
-        return None
-    owner = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device))
-    total = int(owner.shape[0])
-    causal = torch.ones((total, total), dtype=torch.bool, device=device).tril()
-    allowed = causal & (owner[:, None] == owner[None, :])
-    if attn_implementation == "sdpa":
-        return allowed[None, None]
-    blocked = torch.zeros((total, total), dtype=dtype, device=device)
-    return blocked.masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
+PAD_SLACK = 0.25  # a group's padded tokens may exceed its real ones by this share
 
 
-def packed_prefill(model: Any, embeds: list[torch.Tensor], attn_implementation: str,
-                   ) -> tuple[torch.Tensor, list[DynamicCache]]:
-    """Prefill whole prompts (each (1, length, hidden)) in one forward; their last logits and own caches."""
+def similar_length_groups(lengths: list[int], slack: float = PAD_SLACK) -> list[list[int]]:
+    """Indices into `lengths`, grouped so that rows x the longest stays within (1 + slack) x the sum.
+
+    Shortest first: each group grows while its padding stays within the slack,
+    so a forward's extra cost (one per group) is only paid where padding would cost more.
+    """
+    groups: list[list[int]] = []
+    total = 0
+    for index in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        length = lengths[index]
+        if groups and (len(groups[-1]) + 1) * length <= (1 + slack) * (total + length):
+            groups[-1].append(index)
+            total += length
+        else:
+            groups.append([index])
+            total = length
+    return groups
+
+
+def padded_prefill(model: Any, embeds: list[torch.Tensor]) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
+    """Prefill whole prompts (each (1, length, hidden)) as one left-padded batch.
+
+    Returns each row's last logits (rows x vocab), the batch's cache (rows left-padded to the
+    longest) and its attention mask (rows x longest; 1 where a row has a token).
+    """
     lengths = [int(e.shape[1]) for e in embeds]
-    device = embeds[0].device
-    positions = torch.cat([torch.arange(n, device=device) for n in lengths])[None]
-    ends = torch.tensor(lengths, device=device).cumsum(0)
-    out = model(
-        inputs_embeds=torch.cat(embeds, dim=1), position_ids=positions,
-        attention_mask=block_causal_mask(lengths, attn_implementation, embeds[0].dtype, device),
-        past_key_values=DynamicCache(), use_cache=True, logits_to_keep=ends - 1,
-    )
-    layers = list(out.past_key_values)
-    caches = []
-    for end, length in zip(ends.tolist(), lengths, strict=True):
-        start = end - length
-        caches.append(DynamicCache(ddp_cache_data=[(k[:, :, start:end], v[:, :, start:end]) for k, v, *_ in layers]))
-    return out.logits[0], caches
+    longest = max(lengths)
+    first = embeds[0]
+    inputs = first.new_zeros((len(embeds), longest, first.shape[2]))
+    mask = torch.zeros((len(embeds), longest), dtype=torch.long, device=first.device)
+    for row, (embed, length) in enumerate(zip(embeds, lengths, strict=True)):
+        inputs[row, longest - length :] = embed[0]
+        mask[row, longest - length :] = 1
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    out = model(inputs_embeds=inputs, attention_mask=mask, position_ids=positions, past_key_values=DynamicCache(),
+                use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1, :], out.past_key_values, mask
 
 
 def chunk_prefill(model: Any, embeds: torch.Tensor, cache: DynamicCache, start: int, end: int) -> Any:

@@ -1,8 +1,8 @@
 """The continuous engine's state: the running batch (KV cache + every row), the joiners, the counters.
 
 Like TGI's `CausalLMBatch`, continuous batching is a few named operations
-on one type: `from_prefill` (a request whose prompt is prefilled becomes a
-batch of one), `concatenate` (requests join), `filter` (requests leave) and
+on one type: `from_prefill` (requests whose prompts are prefilled become a
+batch), `concatenate` (requests join), `filter` (requests leave) and
 `decode` (one token for every row). The cache is a transformers
 `DynamicCache`, left-padded to the longest row: a row's keys sit at the
 right end, the attention mask hides the pad columns, and each row's
@@ -162,10 +162,10 @@ class RunningBatch:
         self.next_ids = next_ids  # (rows,) token fed next: each row's last chosen token
 
     @classmethod
-    def from_prefill(cls, row: Row, cache: DynamicCache, prompt_length: int, first_token: int) -> RunningBatch:
-        device = row.prompt_ids.device
-        return cls([row], cache, torch.ones((1, prompt_length), dtype=torch.long, device=device),
-                   torch.tensor([prompt_length], device=device), torch.tensor([first_token], device=device))
+    def from_prefill(cls, rows: list[Row], cache: DynamicCache, mask: torch.Tensor,
+                     first_tokens: list[int]) -> RunningBatch:
+        """Rows whose prompts are prefilled in `cache` (`mask`: rows x columns, 1 where a row has a token)."""
+        return cls(rows, cache, mask, mask.sum(dim=1), torch.tensor(first_tokens, device=mask.device))
 
     def __len__(self) -> int:
         """Rows still decoding."""

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 HEADLINES = ("batched_over_sequential", "continuous_over_sequential", "continuous_over_static", "batching_never_slower",
-             "decode_stall_ms", "fixed_lengths", "short_job_latency", "service_over_engine", "engine_busy_fraction",
+             "decode_stall_ms", "fixed_lengths",
+             "continuous_over_static_fixed_min", "short_job_latency", "service_over_engine", "engine_busy_fraction",
              "end_to_end_over_celery_task", "api_over_direct", "idle_latency_overhead_ms", "padding_waste",
              "video_sampling_speedup", "structured_over_free", "control_plane")
 MIXES = {"text", "one_tile", "many_tiles", "video8", "realistic"}
@@ -22,7 +23,8 @@ CAPS = {"1", "8"}
 TARGETS = {
     "continuous_over_sequential_text_largest_cap", "continuous_over_sequential_one_tile_largest_cap",
     "continuous_over_sequential_realistic_largest_cap", "batching_never_slower",
-    "continuous_over_static_realistic_default_cap", "short_job_latency_static_p50_over_continuous_p50",
+    "continuous_over_static_realistic_default_cap", "continuous_over_static_fixed_min",
+    "short_job_latency_static_p50_over_continuous_p50",
     "end_to_end_over_celery_task", "api_over_direct", "batched_over_sequential_one_tile_default_cap",
     "structured_over_free",
     "service_over_engine_min",
@@ -77,6 +79,7 @@ def test_quick_bench_prints_one_json_object_with_every_headline(tmp_path: Path) 
     _by_mix_and_cap(fixed["continuous_over_sequential"])
     _by_mix_and_cap(fixed["batched_over_sequential"])
     assert set(fixed["continuous_over_static"]) == MIXES
+    assert result["continuous_over_static_fixed_min"] == min(fixed["continuous_over_static"].values())
     latency = result["short_job_latency"]
     for engine in ("continuous", "static"):
         assert {"p50", "p99"} <= set(latency[engine])

@@ -157,6 +157,31 @@ def test_a_request_joining_mid_flight_and_one_leaving_early_keep_their_tokens(ti
     assert len(done["early"][1].token_ids) <= 3
 
 
+def test_rows_that_leave_together_are_refilled_in_one_step_and_keep_their_solo_tokens(tiny_runtime, media):
+    """The prefill budget is per joining request: two rows leaving at once are both replaced at the next
+    step, in one padded forward, though one chunk holds only one of their prompts."""
+    def job(i: int, tokens: int) -> Prepared:
+        return prep(tiny_runtime, simple_chat(f"Describe picture {i}, please.", images=[IMG]), media,
+                    Sampling(max_new_tokens=tokens, min_new_tokens=tokens), f"job-{i}")
+
+    items = [job(0, 24), job(1, 24)] + [job(i, 4) for i in range(2, 8)]
+    prompt = items[0].prompt_tokens
+    assert {p.prompt_tokens for p in items} == {prompt}
+    eng = engine(tiny_runtime, max_batch_size=4, prefill_chunk_tokens=prompt + 4, vision_chunk_tiles=items[0].tiles)
+    for item in items:
+        eng.add(item)
+    outs: dict[str, Any] = {}
+    forwards = []
+    while eng.has_work():
+        before = eng.stats.prefill_chunks
+        outs.update((p.request_id, r) for p, r in eng.step())
+        forwards.append(eng.stats.prefill_chunks - before)
+    # The first four, then two pairs, each pair in one forward (one chunk a step took two steps a pair).
+    assert forwards.count(1) == 3 and sum(forwards) == 3
+    assert all(outs[p.request_id].batch_size == 4 for p in items)  # every job decoded in a full batch
+    assert [outs[p.request_id].token_ids for p in items] == [solo_tokens(tiny_runtime, p) for p in items]
+
+
 def test_a_seeded_sampled_request_gives_the_same_text_alone_and_in_any_batch(tiny_runtime, media):
     sampled = Sampling(max_new_tokens=24, do_sample=True, temperature=1.3, top_p=0.9, top_k=50, seed=7)
     def item(request_id: str, sampling: Sampling = sampled) -> Prepared:
@@ -323,14 +348,20 @@ def test_min_new_tokens_holds_eos_back_in_both_engines(tiny_runtime, media):
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_packed_prefill_gives_solo_tokens_with_sdpa_and_eager(tiny_runtime, tiny_model_dir, tmp_path, media, attention):
+def test_prompts_prefilled_together_give_solo_tokens_with_sdpa_and_eager(tiny_runtime, tiny_model_dir, tmp_path, media,
+                                                                        attention):
     from model_runtime.loading import load_runtime
+    from model_runtime.prefill import similar_length_groups
 
     loaded = load_runtime(str(tiny_model_dir), cache_dir=tmp_path, device="cpu", attn_implementation=attention)
     assert loaded.attn_implementation == attention
-    items = mixed(tiny_runtime, media)
-    eng = ContinuousEngine(loaded, max_batch_size=8, max_batch_tokens=100_000, prefill_chunk_tokens=4096,
+    alike = [prep(tiny_runtime, simple_chat(f"Describe picture {i}, please" + " now" * (i % 3), images=[IMG]), media,
+                  Sampling(max_new_tokens=12), f"alike-{i}") for i in range(4)]
+    items = mixed(tiny_runtime, media) + alike
+    groups = similar_length_groups([p.prompt_tokens for p in items])
+    assert any(len(group) >= 4 for group in groups) and len(groups) < len(items)
+    eng = ContinuousEngine(loaded, max_batch_size=16, max_batch_tokens=100_000, prefill_chunk_tokens=4096,
                            vision_chunk_tiles=64)
     outs = eng.run_until_done(items)
-    assert eng.stats.prefill_chunks == 1  # every prompt in one packed forward
+    assert eng.stats.prefill_chunks == len(groups)  # one forward per group of similar lengths, all in one step
     assert [o.token_ids for o in outs] == [solo_tokens(tiny_runtime, p) for p in items]
