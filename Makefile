@@ -1,4 +1,5 @@
 # make demo: the whole path on an embedded Redis with the tiny offline model.
+# make e2e-containers: docker/e2e.sh, the CPU stack in containers (needs Docker; not in make test).
 # make lint: ruff, mypy and the import boundaries (import-linter), as configured in pyproject.toml.
 # make test: lint, then the whole suite (unit, integration, e2e, faults, deploy, bench smoke).
 PYTHON ?= python3
@@ -6,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo test bench lint clean e2e-containers
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +38,11 @@ lint: install
 
 test: install $(TOOLS) lint
 	$(PY) -m pytest -q
+
+# The CPU stack in containers, end to end (needs Docker with Compose v2; not part of
+# make test). E2E_LOCAL_BASE=1: no image registry (README, "Run it in containers").
+e2e-containers:
+	bash docker/e2e.sh
 
 bench: install
 	$(VENV)/bin/internvl-queue bench

@@ -28,7 +28,8 @@ def _env(service: dict) -> dict[str, str]:
 
 def test_every_service_has_an_image_or_a_build(compose):
     services = compose["services"]
-    assert {"redis", "minio", "minio-init", "api", "worker", "callbacks", "producer"} <= set(services)
+    assert {"redis", "minio", "minio-init", "api", "worker", "callbacks", "producer",
+            "s3-dev", "s3-dev-init", "worker-cpu"} <= set(services)
     for name, svc in services.items():
         assert "image" in svc or "build" in svc, name
         if "build" in svc:
@@ -42,6 +43,49 @@ def test_depends_on_targets_exist(compose):
         for target in deps if isinstance(deps, list) else deps.keys():
             assert target in services, f"{name} depends on missing {target}"
             assert target != name
+            # A service outside a profile may only wait on a profile's service if it is optional.
+            if not svc.get("profiles") and services[target].get("profiles"):
+                assert deps[target].get("required") is False, f"{name} needs {target} in every profile"
+
+
+def test_profiles_cpu_and_gpu_each_run_the_whole_path(compose):
+    services = compose["services"]
+    common = {n for n, svc in services.items() if not svc.get("profiles")}
+    assert common == {"redis", "api", "callbacks", "producer"}
+    by_profile = {p: common | {n for n, svc in services.items() if p in svc.get("profiles", [])}
+                  for p in ("cpu", "gpu")}
+    assert by_profile["gpu"] - common == {"minio", "minio-init", "worker"}
+    assert by_profile["cpu"] - common == {"s3-dev", "s3-dev-init", "worker-cpu"}
+    for profile, names in by_profile.items():
+        # Exactly one S3 answers as "s3", the endpoint every service is given.
+        s3 = [n for n in names if "s3" in services[n].get("networks", {}).get("default", {}).get("aliases", [])]
+        assert len(s3) == 1, (profile, s3)
+        workers = [n for n in names if _env(services[n]).get("IVQ_QUEUES") == "infer"]
+        assert len(workers) == 1, (profile, workers)
+    for name in ("api", "callbacks", "worker", "worker-cpu"):
+        assert _env(services[name])["IVQ_S3_ENDPOINT_URL"] == "http://s3:9000"
+    assert "DEV-ONLY" in (DOCKER / "Dockerfile.s3-dev").read_text()
+
+
+def _seconds(duration: str) -> int:
+    m = re.fullmatch(r"(?:(\d+)m)?(?:(\d+)s)?", duration)
+    assert m and duration, duration
+    return int(m.group(1) or 0) * 60 + int(m.group(2) or 0)
+
+
+@pytest.mark.parametrize("name", ["worker", "worker-cpu"])
+def test_stop_grace_period_fits_the_drain(compose, name):
+    svc = compose["services"][name]
+    drain = int(_env(svc)["IVQ_DRAIN_TIMEOUT_S"])
+    # The drain, the worker's own 5 s watchdog past it, and time for the final writes.
+    assert _seconds(svc["stop_grace_period"]) >= drain + 10
+
+
+def test_cpu_worker_serves_the_tiny_model_without_a_gpu(compose):
+    svc = compose["services"]["worker-cpu"]
+    assert "deploy" not in svc
+    assert _env(svc)["IVQ_MODEL"] == "${IVQ_MODEL:-tiny}"
+    assert svc["build"]["dockerfile"] == "docker/Dockerfile.cpu"
 
 
 def test_no_credential_literals_except_marked_dev_defaults(compose):
@@ -64,13 +108,15 @@ def test_production_like_pieces(compose):
     assert "--appendonly" in s["redis"]["command"]
     assert s["redis"]["command"][s["redis"]["command"].index("--appendonly") + 1] == "yes"
     assert "mc mb" in s["minio-init"]["command"][0]
+    assert "create_bucket" in s["s3-dev-init"]["command"][0]
     assert s["worker"]["depends_on"]["minio-init"]["condition"] == "service_completed_successfully"
+    assert s["worker-cpu"]["depends_on"]["s3-dev-init"]["condition"] == "service_completed_successfully"
     (device,) = s["worker"]["deploy"]["resources"]["reservations"]["devices"]
     assert device["capabilities"] == ["gpu"] and device["count"] == 1
     assert _env(s["worker"])["IVQ_QUEUES"] == "infer"
     assert _env(s["callbacks"])["IVQ_QUEUES"] == "callbacks"
-    for name in ("worker", "callbacks", "api"):
-        assert s[name]["read_only"] is True and s[name]["cap_drop"] == ["ALL"]
+    for name in ("worker", "worker-cpu", "callbacks", "api", "s3-dev", "producer"):
+        assert s[name]["read_only"] is True and s[name]["cap_drop"] == ["ALL"], name
     assert (DOCKER / "samples" / "sample.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -87,9 +133,10 @@ def test_api_service_serves_port_8000_from_the_client_image(compose):
     assert env["IVQ_REDIS_URL"] and env["IVQ_STORE_URL"]
     (config,) = api["configs"]
     assert config["target"] == env["IVQ_API_KEYS_FILE"]
-    content = compose["configs"][config["source"]]["content"]
+    # A file, not `content:`: Compose cannot copy content into a read-only root.
+    keys_file = re.fullmatch(r"\$\{IVQ_API_KEYS_JSON:-(\S+)\}", compose["configs"][config["source"]]["file"]).group(1)
     dev_key = re.fullmatch(r"\$\{IVQ_API_KEY:-([\w-]+)\}", _env(s["producer"])["IVQ_API_KEY"]).group(1)
-    keys = json.loads(re.sub(r"\$\{[A-Z0-9_]+:-([0-9a-f]{64})\}", r"\1", content))
+    keys = json.loads((DOCKER / keys_file).read_text())
     (tenant,) = keys["tenants"].values()
     assert tenant["keys"] == [{"sha256": hashlib.sha256(dev_key.encode()).hexdigest()}], "the dev key's hash"
 
@@ -97,7 +144,7 @@ def test_api_service_serves_port_8000_from_the_client_image(compose):
 def test_producers_talk_to_the_api_and_only_the_api_and_workers_reach_redis(compose):
     s = compose["services"]
     reach_redis = {name for name, svc in s.items() if "IVQ_REDIS_URL" in _env(svc)}
-    assert reach_redis == {"api", "worker", "callbacks"}
+    assert reach_redis == {"api", "worker", "worker-cpu", "callbacks"}
     assert "ports" not in s["redis"]
     producer = s["producer"]
     assert _env(producer)["IVQ_API_URL"] == "http://api:8000"
@@ -114,7 +161,7 @@ def _instructions(dockerfile: str) -> list[tuple[str, str]]:
     return [(ln.split(None, 1)[0].upper(), ln.split(None, 1)[1] if " " in ln else "") for ln in lines]
 
 
-@pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.client"])
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.cpu", "Dockerfile.client"])
 def test_dockerfiles_are_non_root_with_healthcheck_and_no_secrets(dockerfile):
     ins = _instructions(dockerfile)
     final_stage = ins[max(i for i, (op, _) in enumerate(ins) if op == "FROM") :]
@@ -131,10 +178,64 @@ def test_dockerfiles_are_non_root_with_healthcheck_and_no_secrets(dockerfile):
 
 def test_gpu_image_has_cuda_runtime_flash_attn_and_model_volume():
     ins = _instructions("Dockerfile")
+    args = dict(arg.split("=", 1) for op, arg in ins if op == "ARG" and "=" in arg)
     froms = [arg for op, arg in ins if op == "FROM"]
-    assert froms[-1].startswith("nvidia/cuda:") and "runtime" in froms[-1]
-    assert any("flash-attn" in arg for op, arg in ins if op == "RUN")
+    assert froms[-1] == "${CUDA_RUNTIME_IMAGE} AS runtime"
+    assert args["CUDA_RUNTIME_IMAGE"].startswith("nvidia/cuda:") and "runtime" in args["CUDA_RUNTIME_IMAGE"]
+    assert args["CUDA_DEVEL_IMAGE"].startswith("nvidia/cuda:") and "devel" in args["CUDA_DEVEL_IMAGE"]
+    flash = " ".join(arg for op, arg in ins if op == "RUN" and "FLASH_ATTN_WHEEL" in arg)
+    assert "pip wheel" in flash and "flash-attn==" in flash, "compiling stays the fallback"
+    assert "https://*" in flash and "/wheelhouse/" in flash and "none)" in flash, "a prebuilt wheel: URL or file"
     assert any(op == "VOLUME" and "/models" in arg for op, arg in ins)
     client = " ".join(arg for op, arg in _instructions("Dockerfile.client") if op == "RUN")
     assert "torch" not in client.replace("'torch' not in", "") and ".[worker]" not in client
     assert '".[api]"' in client and "import api_client, worker.http.app" in client  # it runs `internvl-queue api`
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.cpu", "Dockerfile.client", "Dockerfile.s3-dev"])
+def test_base_images_are_build_arguments_defaulting_to_public_images(dockerfile):
+    ins = _instructions(dockerfile)
+    args = dict(arg.split("=", 1) for op, arg in ins if op == "ARG" and "=" in arg)
+    for op, arg in ins:
+        if op == "FROM":
+            base = arg.split()[0]
+            if base == "build":  # a stage of this file
+                continue
+            m = re.fullmatch(r"\$\{(\w+)\}", base)
+            assert m, f"{dockerfile}: FROM {base} is not a build argument"
+            default = args[m.group(1)]
+            assert "/" in default or ":" in default, f"{dockerfile}: {m.group(1)} has no public default"
+    if dockerfile != "Dockerfile":
+        assert args["PYTHON_IMAGE"] == "python:3.11-slim"
+
+
+def _final_stage(dockerfile: str) -> list[tuple[str, str]]:
+    ins = _instructions(dockerfile)
+    return ins[max(i for i, (op, _) in enumerate(ins) if op == "FROM") :]
+
+
+def test_cpu_and_gpu_worker_images_are_run_alike():
+    """Entrypoint, command, user, health check command, stop signal, volume, port: the same."""
+    def run_shape(dockerfile: str) -> dict[str, object]:
+        stage = _final_stage(dockerfile)
+        health = next(arg for op, arg in stage if op == "HEALTHCHECK")
+        env = " ".join(arg for op, arg in stage if op == "ENV")
+        return {
+            "entrypoint": [arg for op, arg in stage if op == "ENTRYPOINT"],
+            "cmd": [arg for op, arg in stage if op == "CMD"],
+            "user": [arg for op, arg in stage if op == "USER"],
+            "stopsignal": [arg for op, arg in stage if op == "STOPSIGNAL"],
+            "volume": [arg for op, arg in stage if op == "VOLUME"],
+            "expose": [arg for op, arg in stage if op == "EXPOSE"],
+            "health_cmd": health[health.index("CMD") :],
+            "env": sorted(set(re.findall(r"(\w+)=", env)) - {"DEBIAN_FRONTEND"}),  # build-time only
+        }
+
+    gpu, cpu = run_shape("Dockerfile"), run_shape("Dockerfile.cpu")
+    assert cpu["env"] == sorted({*gpu["env"], "IVQ_MODEL"})  # the CPU image names its default model
+    for key in gpu:
+        if key != "env":
+            assert cpu[key] == gpu[key], key
+    cpu_ins = _instructions("Dockerfile.cpu")
+    assert any(op == "RUN" and "ensure_tiny('/models')" in arg for op, arg in cpu_ins), "the tiny model built in"
+    assert any(op == "ARG" and arg.startswith("TORCH_INDEX_URL=") and arg.endswith("/cpu") for op, arg in cpu_ins)
