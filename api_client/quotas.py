@@ -21,6 +21,7 @@ per tenant), so a refused submit takes nothing and enqueues nothing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -65,19 +66,11 @@ class Quotas:
 
     def admit(self, tenant: str, job_id: str, limits: Limits, *, now: float) -> None:
         """Count one submit against the tenant; raises RateLimited or QuotaExceeded (with retry_after_s)."""
-        for attempt in (1, 2):
-            reply = self._admit(keys=self._keys(tenant), args=[job_id, repr(now), limits.max_active,
-                                                                limits.rate_per_s, limits.burst])
-            if reply[0]:
-                return
-            code, retry_after = as_text(reply[1]), float(as_text(reply[2]))
-            if code == "rate_limited":
-                raise RateLimited(f"tenant {tenant!r} over {limits.rate_per_s:g} submits/s",
-                                  retry_after_s=retry_after)
-            if attempt == 1 and self.forget_ended(tenant):
-                continue
-            raise QuotaExceeded(f"tenant {tenant!r} has {limits.max_active} jobs queued or running",
-                                retry_after_s=retry_after)
+        _admitted(lambda: self._admit(keys=self._keys(tenant), args=[job_id, repr(now), limits.max_active,
+                                                                      limits.rate_per_s, limits.burst]),
+                  lambda: self.forget_ended(tenant) > 0,
+                  rate=f"tenant {tenant!r} over {limits.rate_per_s:g} submits/s",
+                  quota=f"tenant {tenant!r} has {limits.max_active} jobs queued or running")
 
     def release(self, tenant: str, job_id: str) -> None:
         """The job ended, or was never created (a repeated idempotency key)."""
@@ -102,20 +95,13 @@ class Quotas:
         """Hold `jobs` batch jobs (and their bytes) for a new batch; RateLimited or QuotaExceeded."""
         held_bytes = request_bytes + jobs * JOB_OVERHEAD_BYTES
         k = keys.TenantKeys.of(tenant)
-        for attempt in (1, 2):
-            reply = self._admit_batch(keys=[k.batch_bucket, k.held], args=[
-                batch_id, repr(now), jobs, held_bytes, limits.max_batch_jobs, limits.max_batch_bytes,
-                limits.batch_rate_per_s, limits.batch_burst])
-            if reply[0]:
-                return
-            code, retry_after = as_text(reply[1]), float(as_text(reply[2]))
-            if code == "rate_limited":
-                raise RateLimited(f"tenant {tenant!r} over {limits.batch_rate_per_s:g} batch submits/s",
-                                  retry_after_s=retry_after)
-            if attempt == 1 and self.unhold_ended(tenant):
-                continue
-            raise QuotaExceeded(f"tenant {tenant!r} would pass {limits.max_batch_jobs} batch jobs or "
-                                f"{limits.max_batch_bytes} bytes held with {jobs} more", retry_after_s=retry_after)
+        _admitted(lambda: self._admit_batch(keys=[k.batch_bucket, k.held], args=[
+                      batch_id, repr(now), jobs, held_bytes, limits.max_batch_jobs, limits.max_batch_bytes,
+                      limits.batch_rate_per_s, limits.batch_burst]),
+                  lambda: bool(self.unhold_ended(tenant)),
+                  rate=f"tenant {tenant!r} over {limits.batch_rate_per_s:g} batch submits/s",
+                  quota=f"tenant {tenant!r} would pass {limits.max_batch_jobs} batch jobs or "
+                        f"{limits.max_batch_bytes} bytes held with {jobs} more")
 
     def drop_batch(self, tenant: str, batch_id: str) -> None:
         """An admitted batch that was never created (it failed on the way): its holding goes."""
@@ -167,3 +153,18 @@ class Quotas:
     def _keys(tenant: str) -> list[str]:
         k = keys.TenantKeys.of(tenant)
         return [k.active, k.bucket]
+
+
+def _admitted(run: Callable[[], Any], free_ended: Callable[[], bool], *, rate: str, quota: str) -> None:
+    """Run an admission script; when the quota refuses, free what has ended and try once more.
+    Raises RateLimited or QuotaExceeded with the script's retry-after."""
+    for attempt in (1, 2):
+        reply = run()
+        if reply[0]:
+            return
+        code, retry_after = as_text(reply[1]), float(as_text(reply[2]))
+        if code == "rate_limited":
+            raise RateLimited(rate, retry_after_s=retry_after)
+        if attempt == 1 and free_ended():
+            continue
+        raise QuotaExceeded(quota, retry_after_s=retry_after)
