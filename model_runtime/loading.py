@@ -177,6 +177,7 @@ def _prime_processor(processor: Any) -> None:
     import numpy as np
     from PIL import Image
 
+    from model_runtime.fast_inputs import FastInputs
     from model_runtime.media import VideoFrames
     from model_runtime.prompts import prepare, simple_chat
     from model_runtime.types import Sampling
@@ -187,3 +188,4 @@ def _prime_processor(processor: Any) -> None:
     }
     chat = simple_chat("hi", images=["file://prime.png"], videos=["file://prime.mp4"])
     prepare(processor, chat, media, Sampling(), request_id="prime", max_tiles=2, context_length=None)
+    FastInputs.for_processor(processor)  # its probe against the processor, once, at load

@@ -19,6 +19,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from model_runtime.fast_inputs import FastInputs
 from model_runtime.media import VideoFrames
 from model_runtime.types import Prepared, RequestError, Sampling
 
@@ -111,6 +112,9 @@ def prepare(
 ) -> Prepared:
     """Render the chat, run the processor on this one request, and count what it costs.
 
+    Text and images go through `FastInputs` (the processor's own steps without
+    its per-call bookkeeping) wherever it gives the processor's exact output.
+
     `messages` is the HF chat format: `[{"role": ..., "content": [{"type": "text",
     "text": ...}, {"type": "image", "url": ...}, {"type": "video", "url": ...}]}]`
     (other keys of an item, such as `num_frames`, are ignored). `media` maps
@@ -120,19 +124,22 @@ def prepare(
     started = time.perf_counter()
     rendered, images, videos = _messages(messages, media, control_tokens(processor))
     text = processor.apply_chat_template(rendered, tokenize=False, add_generation_prompt=True)
+    fast = None if videos else FastInputs.for_processor(processor)
     try:
-        inputs = processor(
-            text=text,
-            images=images or None,
-            videos=videos or None,
-            return_tensors="pt",
-            max_patches=max_tiles,
-        )
+        if fast is not None:
+            input_ids, pixel_values = fast(text, images, max_tiles)
+        else:
+            inputs = processor(
+                text=text,
+                images=images or None,
+                videos=videos or None,
+                return_tensors="pt",
+                max_patches=max_tiles,
+            )
+            input_ids, pixel_values = inputs["input_ids"][0], inputs.get("pixel_values")
     except ValueError as exc:  # e.g. a frame size the processors cannot resize
         raise RequestError("invalid_media", f"the processor rejected the media: {exc}") from None
 
-    input_ids = inputs["input_ids"][0]
-    pixel_values = inputs.get("pixel_values")
     video_frames = sum(int(v.shape[0]) for v in videos)
     rows = 0 if pixel_values is None else int(pixel_values.shape[0])
     prompt_tokens = int(input_ids.shape[0])
