@@ -197,7 +197,7 @@ def _control_loop(probes: StageProbes) -> None:
 
 def serve(instant: bool) -> int:
     """The worker subprocess: `internvl-queue worker` with the probes (and the instant engine)."""
-    from worker.cli import serve_worker
+    from worker.cli.service import serve_worker
     from worker.settings import Settings
 
     def started(runtime: Any) -> None:

@@ -41,7 +41,7 @@ def test_the_gpu_check_runs_on_a_cpu_with_tiny_dimensions_and_reports_every_sect
 
 
 def test_its_job_lengths_are_the_benchmarks() -> None:
-    from benchmarks.gpu_check import job_lengths as gpu_lengths
+    from benchmarks.gpu_measure import job_lengths as gpu_lengths
     from benchmarks.mixes import job_lengths
 
     assert gpu_lengths(0, "one_tile", 50) == job_lengths(0, "one_tile", 50)

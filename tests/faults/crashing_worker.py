@@ -15,7 +15,7 @@ import os
 import sys
 
 from api_client.jobstate import JobStore, Transition
-from worker.cli import serve_worker
+from worker.cli.service import serve_worker
 from worker.runtime import WorkerRuntime
 from worker.settings import Settings
 
