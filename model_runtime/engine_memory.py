@@ -51,8 +51,9 @@ class MemoryPolicy:
         del exc  # the traceback pins the tensors of the failed call
         empty_cuda_cache()
         self.stats.join_ooms += 1
-        running = len(self._running) if self._running else 0
-        if len(joiners) == 1 and running == 0 and not self._joining and not self._ready:
+        # Rows decoding, and rows prefilled this step that join at its end: either frees memory when it leaves.
+        running = (len(self._running) if self._running else 0) + sum(len(batch) for batch in self._ready)
+        if len(joiners) == 1 and running == 0 and not self._joining:
             prepared = joiners[0].prepared
             log.warning("too_large_for_gpu", request_id=prepared.request_id, prompt_tokens=prepared.prompt_tokens)
             finished.append((prepared, TooLargeForGPU(
