@@ -54,10 +54,11 @@ local function count(from, to, who)
 end
 -- ---- end of counters ----
 -- End the job. opts (all optional): request (as for emit), running (it held a claim: only the
--- leases index has it), fields (a flat list of more record fields to write in the same HSET).
+-- leases index has it), fields (a flat list of more record fields to write in the same HSET),
+-- was ({state, tenant, batch_id} as the caller already read them).
 local function end_job(state, now, code, message, opts)
   opts = opts or {}
-  local was = redis.call('HMGET', KEYS[1], 'state', 'tenant', 'batch_id')
+  local was = opts.was or redis.call('HMGET', KEYS[1], 'state', 'tenant', 'batch_id')
   count(was[1], state, {was[2], was[3]})
   local fields = opts.fields or {}
   for _, v in ipairs({'state', state, 'finished_at', now}) do fields[#fields + 1] = v end
@@ -84,9 +85,10 @@ local function crashed(now, max_crashes)
   if crashes < tonumber(max_crashes) then return nil end
   return end_job('failed', now, 'poison', 'its worker died ' .. crashes .. ' times while running it', {running = true})
 end
--- Is `token` the running claim? Also returns the state, and the request when asked for.
-local function holder(token, with_request)
-  local st = with_request and redis.call('HMGET', KEYS[1], 'state', 'claim', 'request')
+-- Is `token` the running claim? Also returns the state; with `to_end`, the request and what
+-- end_job reads ({state, tenant, batch_id}), so ending the job reads the record once.
+local function holder(token, to_end)
+  local st = to_end and redis.call('HMGET', KEYS[1], 'state', 'claim', 'request', 'tenant', 'batch_id')
              or redis.call('HMGET', KEYS[1], 'state', 'claim')
-  return st[1] == 'running' and st[2] == token, st[1] or '', st[3]
+  return st[1] == 'running' and st[2] == token, st[1] or '', st[3], to_end and {st[1], st[4], st[5]} or nil
 end
