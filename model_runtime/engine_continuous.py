@@ -6,7 +6,8 @@ Only the model thread calls it. Each `step()`:
    KV budget in tokens (`max_batch_tokens`, counted as the batch's padded
    worst case: rows × the longest prompt + max_new_tokens among them);
    while rows decode and under a quarter of the cap is free, joins are
-   gathered for at most `JOIN_DEFER_STEPS` steps (one prefill, not one each);
+   gathered for at most `JOIN_DEFER_STEPS` steps (one prefill, not one each)
+   (model_runtime/engine_admission.py);
 3. runs the vision tower once over the next tiles of the joining requests
    (at most `vision_chunk_tiles` per joining request; tiles are all one
    size, so nothing pads) and splits the features back per request;
@@ -48,25 +49,22 @@ from typing import Any
 import structlog
 import torch
 
+from model_runtime.engine_admission import Admission
 from model_runtime.running_batch import ContinuousStats, Joining, Row, RunningBatch
 from model_runtime.engine_memory import MemoryPolicy, as_failure
 from model_runtime.prefill import chunk_prefill, embed_prompt, image_features, padded_prefill, similar_length_groups
-from model_runtime.sampling import choose_tokens, new_generator
+from model_runtime.sampling import choose_tokens
 from model_runtime.structured import StructuredDecoding
 from model_runtime.text import cut_at_stop, decode_text
-from model_runtime.types import (
-    DeadlineExceeded, GenerationFailed, Output, Prepared, RequestCancelled, TooLargeForGPU,
-)
+from model_runtime.types import DeadlineExceeded, GenerationFailed, Output, Prepared, RequestCancelled
 
 log = structlog.get_logger(__name__)
 
 Finished = tuple[Prepared, "Output | BaseException"]
-IDLE_BUDGET_SCALE = 8  # vision and prefill chunks per step at least, while no row is decoding
-JOIN_DEFER_STEPS = 4  # a waiting request holds back at most this many steps to join with others
 PROGRESS_INTERVAL_S = 0.25  # a request's on_progress hook, at most this often
 
 
-class ContinuousEngine(MemoryPolicy):
+class ContinuousEngine(Admission, MemoryPolicy):
     def __init__(self, loaded: Any, *, max_batch_size: int, max_batch_tokens: int,
                  prefill_chunk_tokens: int = 512, vision_chunk_tiles: int = 8,
                  progress_interval_s: float = PROGRESS_INTERVAL_S, clock: Callable[[], float] = time.monotonic) -> None:
@@ -101,10 +99,6 @@ class ContinuousEngine(MemoryPolicy):
 
     def has_work(self) -> bool:
         return bool(self._waiting or self._joining or self._running)
-
-    @property
-    def active(self) -> int:
-        return len(self._joining) + (len(self._running) if self._running else 0)
 
     def take_waiting(self) -> list[Prepared]:
         """Requests not admitted yet, removed (draining hands them back)."""
@@ -149,13 +143,6 @@ class ContinuousEngine(MemoryPolicy):
         self.stats.generate_seconds += time.perf_counter() - started
         return finished
 
-    def _budget_scale(self, decoding: bool) -> int:
-        """This step's vision and prefill budgets, in chunks: one per joining request, so rows that
-        left are refilled in one step instead of one chunk a step while the batch runs below its cap
-        (short jobs leave faster than that); at least `IDLE_BUDGET_SCALE` while no row decodes."""
-        joining = len(self._joining)
-        return max(joining, IDLE_BUDGET_SCALE) if not decoding else max(joining, 1)
-
     def warmup(self, batch_size: int | None = None, *, max_new_tokens: int = 16) -> float:
         """Run the largest batch of 12-tile image requests; raise on any failure. Returns seconds."""
         from model_runtime.capacity import warm_up
@@ -196,54 +183,6 @@ class ContinuousEngine(MemoryPolicy):
                     finished.append((row.prepared, reason))
                     self._running.retire(index)
             self._after_leaving()
-
-    # ------------------------------------------------------------ 2. admission
-    def _worst_case_kv(self, extra: Prepared) -> int:
-        """Padded KV tokens if `extra` joined and every row ran to its max_new_tokens."""
-        rows = [j.prepared for j in self._joining] + [extra]
-        rows += [r.prepared for r in self._running.rows] if self._running else []
-        return len(rows) * max(p.prompt_tokens + p.sampling.max_new_tokens for p in rows)
-
-    def _admit(self, finished: list[Finished]) -> None:
-        running = len(self._running) if self._running else 0
-        if self._admit_below is not None:
-            if running >= self._admit_below:
-                return
-            self._admit_below = None
-        if self._defer_join(running):
-            return
-        while self._waiting and self.active < self.max_batch_size and len(self._joining) < self._join_limit:
-            prepared, added_at = self._waiting[0]
-            alone = prepared.prompt_tokens + prepared.sampling.max_new_tokens
-            if alone > self.max_batch_tokens:
-                self._waiting.popleft()
-                finished.append((prepared, TooLargeForGPU(
-                    f"prompt {prepared.prompt_tokens} + max_new_tokens {prepared.sampling.max_new_tokens} tokens "
-                    f"exceed this worker's KV budget of {self.max_batch_tokens}; use fewer or smaller media, "
-                    "fewer frames or fewer new tokens")))
-                continue
-            if self.active and self._worst_case_kv(prepared) > self.max_batch_tokens:
-                return  # first come, first served: it joins when rows leave
-            self._waiting.popleft()
-            row = Row(prepared=prepared, prompt_ids=prepared.input_ids.to(self.device),
-                      generator=new_generator(prepared.sampling, self.device), added_at=added_at,
-                      admitted_at=time.monotonic(),
-                      # A fresh matcher also when a preempted row is recomputed: reset, then replayed.
-                      matcher=prepared.constraint.matcher() if prepared.constraint is not None else None)
-            self._joining.append(Joining(row))
-
-    def _defer_join(self, running: int) -> bool:
-        """True while joins are gathered: rows decode, fewer than a quarter of the cap is free and more
-        wait than that, for at most JOIN_DEFER_STEPS steps. Rows that leave one by one are then refilled
-        in one vision call and one prefill forward instead of one each (measured: 11 -> 8 prefill
-        forwards at 16 tokens, text, same steps and mean batch)."""
-        free = self.max_batch_size - self.active
-        wanted = min(max(1, self.max_batch_size // 4), len(self._waiting))
-        if not running or free >= wanted or self._deferred >= JOIN_DEFER_STEPS:
-            self._deferred = 0
-            return False
-        self._deferred += 1
-        return True
 
     # ------------------------------------------------------------ 3. vision tower
     def _encode_tiles(self, finished: list[Finished], budget: int) -> None:

@@ -1,0 +1,97 @@
+"""Which waiting requests join the continuous engine's running batch, and how much they may do per step.
+
+- `_admit`: while there is room (`max_batch_size` rows, and the KV budget
+  `max_batch_tokens` counted as the padded worst case: rows × the longest
+  prompt + max_new_tokens among them), first come, first served; a request
+  over the budget even alone ends `TooLargeForGPU` before it touches the model.
+- `_defer_join`: while rows decode and under a quarter of the cap is free,
+  joins are gathered for at most `JOIN_DEFER_STEPS` steps (one prefill, not one each).
+- `_budget_scale`: this step's vision and prefill budgets, in chunks.
+
+A mixin of `ContinuousEngine` (model_runtime/engine_continuous.py), like
+`MemoryPolicy`: it works on that engine's queues and limits.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Any
+
+from model_runtime.running_batch import Joining, Row, RunningBatch
+from model_runtime.sampling import new_generator
+from model_runtime.types import Prepared, TooLargeForGPU
+
+IDLE_BUDGET_SCALE = 8  # vision and prefill chunks per step at least, while no row is decoding
+JOIN_DEFER_STEPS = 4  # a waiting request holds back at most this many steps to join with others
+
+
+class Admission:
+    # The engine's state this works on (set by ContinuousEngine.__init__).
+    max_batch_size: int
+    max_batch_tokens: int
+    device: Any
+    _waiting: deque[tuple[Prepared, float]]
+    _joining: list[Joining]
+    _running: RunningBatch | None
+    _join_limit: int
+    _admit_below: int | None
+    _deferred: int
+
+    @property
+    def active(self) -> int:
+        return len(self._joining) + (len(self._running) if self._running else 0)
+
+    def _budget_scale(self, decoding: bool) -> int:
+        """This step's vision and prefill budgets, in chunks: one per joining request, so rows that
+        left are refilled in one step instead of one chunk a step while the batch runs below its cap
+        (short jobs leave faster than that); at least `IDLE_BUDGET_SCALE` while no row decodes."""
+        joining = len(self._joining)
+        return max(joining, IDLE_BUDGET_SCALE) if not decoding else max(joining, 1)
+
+    def _worst_case_kv(self, extra: Prepared) -> int:
+        """Padded KV tokens if `extra` joined and every row ran to its max_new_tokens."""
+        rows = [j.prepared for j in self._joining] + [extra]
+        rows += [r.prepared for r in self._running.rows] if self._running else []
+        return len(rows) * max(p.prompt_tokens + p.sampling.max_new_tokens for p in rows)
+
+    def _admit(self, finished: list) -> None:
+        running = len(self._running) if self._running else 0
+        if self._admit_below is not None:
+            if running >= self._admit_below:
+                return
+            self._admit_below = None
+        if self._defer_join(running):
+            return
+        while self._waiting and self.active < self.max_batch_size and len(self._joining) < self._join_limit:
+            prepared, added_at = self._waiting[0]
+            alone = prepared.prompt_tokens + prepared.sampling.max_new_tokens
+            if alone > self.max_batch_tokens:
+                self._waiting.popleft()
+                finished.append((prepared, TooLargeForGPU(
+                    f"prompt {prepared.prompt_tokens} + max_new_tokens {prepared.sampling.max_new_tokens} tokens "
+                    f"exceed this worker's KV budget of {self.max_batch_tokens}; use fewer or smaller media, "
+                    "fewer frames or fewer new tokens")))
+                continue
+            if self.active and self._worst_case_kv(prepared) > self.max_batch_tokens:
+                return  # first come, first served: it joins when rows leave
+            self._waiting.popleft()
+            row = Row(prepared=prepared, prompt_ids=prepared.input_ids.to(self.device),
+                      generator=new_generator(prepared.sampling, self.device), added_at=added_at,
+                      admitted_at=time.monotonic(),
+                      # A fresh matcher also when a preempted row is recomputed: reset, then replayed.
+                      matcher=prepared.constraint.matcher() if prepared.constraint is not None else None)
+            self._joining.append(Joining(row))
+
+    def _defer_join(self, running: int) -> bool:
+        """True while joins are gathered: rows decode, fewer than a quarter of the cap is free and more
+        wait than that, for at most JOIN_DEFER_STEPS steps. Rows that leave one by one are then refilled
+        in one vision call and one prefill forward instead of one each (measured: 11 -> 8 prefill
+        forwards at 16 tokens, text, same steps and mean batch)."""
+        free = self.max_batch_size - self.active
+        wanted = min(max(1, self.max_batch_size // 4), len(self._waiting))
+        if not running or free >= wanted or self._deferred >= JOIN_DEFER_STEPS:
+            self._deferred = 0
+            return False
+        self._deferred += 1
+        return True
