@@ -289,6 +289,36 @@ def test_a_request_that_cannot_fit_alone_ends_too_large_and_the_others_succeed(t
             assert out.token_ids == solo_tokens(tiny_runtime, item)
 
 
+def test_a_lone_joiner_out_of_memory_beside_rows_not_yet_merged_still_ends(tiny_runtime, media):
+    # One step prefills two short prompts as one padded group (their rows wait to merge at the step's
+    # end; none decode yet), then the long one alone runs out of memory. It must wait for the short
+    # ones to leave, then try alone and end too_large_for_gpu; it once waited, forever, for fewer
+    # than 0 running rows.
+    from model_runtime.prefill import similar_length_groups
+
+    shorts = [prep(tiny_runtime, simple_chat(text), media, Sampling(max_new_tokens=3), f"short-{text}")
+              for text in ("a", "b")]
+    long = prep(tiny_runtime, simple_chat("Read every word: " + "tile " * 300), media, Sampling(max_new_tokens=3),
+                "long")
+    limit = max(p.prompt_tokens for p in shorts)
+    assert similar_length_groups([p.prompt_tokens for p in (*shorts, long)]) == [[0, 1], [2]]
+    faulty = FaultyModel(tiny_runtime.model,
+                         lambda kind, kw: kind == "forward" and kw.get("inputs_embeds") is not None
+                         and kw["inputs_embeds"].shape[1] > limit, oom)
+    eng = engine(tiny_runtime, faulty)
+    for item in (*shorts, long):
+        eng.add(item)
+    ended: dict[str, Any] = {}
+    for _ in range(100):  # bounded: the bug was a loop that never admitted it again
+        ended.update((p.request_id, out) for p, out in eng.step())
+        if len(ended) == 3:
+            break
+    assert isinstance(ended.get("long"), TooLargeForGPU)
+    for item in shorts:
+        assert isinstance(ended.get(item.request_id), Output)
+        assert ended[item.request_id].token_ids == solo_tokens(tiny_runtime, item)
+
+
 def test_a_request_over_the_kv_budget_is_refused_before_it_touches_the_model(tiny_runtime, media):
     items = mixed(tiny_runtime, media, lengths=(10,) * 7)
     big, next_longest = biggest_and_next(items)
