@@ -169,6 +169,7 @@ def markdown(r: dict[str, Any]) -> str:
                  e2e["celery_task_tokens_per_s"], e2e["celery_task"]["jobs_per_s"], e2e["celery_task"]["tokens"],
                  e2e["celery_task"]["seconds"]]]),
         "", f"ratio: {e2e['ratio']}.",
+        *_e2e_fixed_section(r.get("end_to_end_over_celery_task_fixed")),
         *_structured_section(r.get("structured_over_free")),
         "", "### idle_latency_overhead_ms (one job at a time: submit → result, minus generate)", "",
         _table(["mix", "jobs", "p50 ms", "p99 ms", "queued p50", "preprocess p50", "batch wait p50",
@@ -279,3 +280,18 @@ def summary(r: dict[str, Any]) -> str:
     for name, t in r["targets"].items():
         lines.append(f"{name:48} {t['value']!s:10}  {t['target']!s:8} {'yes' if t['met'] else 'NO'}")
     return "\n".join(lines)
+
+
+def _e2e_fixed_section(e2e: dict[str, Any] | None) -> list[str]:
+    if not e2e:
+        return []
+    return [
+        "", (f"### end_to_end_over_celery_task_fixed ({e2e['jobs']} {e2e['mix']} jobs at once, every job "
+             f"max_new_tokens {e2e['max_new_tokens']}; jobs/s from the first submit to the last result)"), "",
+        _table(["path", "jobs/s", "completion tokens", "seconds"],
+               [["the service (JobClient → Redis → worker)", e2e["service_jobs_per_s"], e2e["service"]["tokens"],
+                 e2e["service"]["seconds"]],
+                ["a plain Celery task, one generate per job", e2e["celery_task_jobs_per_s"],
+                 e2e["celery_task"]["tokens"], e2e["celery_task"]["seconds"]]]),
+        "", f"ratio: {e2e['ratio']} (target 3).",
+    ]

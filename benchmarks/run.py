@@ -221,6 +221,15 @@ def run_all(plan: Plan, out: Path, progress) -> dict[str, Any]:
                      for _ in range(plan.service_repeats)]
         e2e_service = max((p[0] for p in e2e_pairs), key=lambda x: x["tokens_per_s"])
         e2e_celery = max((p[1] for p in e2e_pairs), key=lambda x: x["tokens_per_s"])
+        # The same at fixed short outputs (tagging, moderation): every job max_new_tokens 16, jobs/s.
+        e2e_fixed_mix = build_mixes(media, service.url_of, jobs=plan.celery_jobs, names=("one_tile",), seed=2,
+                                    max_new_tokens=plan.fixed_max_new_tokens)["one_tile"]
+        phase("celery_task_fixed", f"service against the plain Celery task: {plan.celery_jobs} one_tile jobs at "
+                                   f"max_new_tokens {plan.fixed_max_new_tokens}")
+        fixed_pairs = [(service.run_saturated(e2e_fixed_mix), base.run(e2e_fixed_mix.requests))
+                       for _ in range(plan.service_repeats)]
+        fixed_service = max((p[0] for p in fixed_pairs), key=lambda x: x["jobs_per_s"])
+        fixed_celery = max((p[1] for p in fixed_pairs), key=lambda x: x["jobs_per_s"])
 
         phase("api", f"service through the HTTP API against JobClient: {plan.celery_jobs} one_tile jobs at once")
         api_direct = bench_api_over_direct(service, e2e_mix.requests, plan.service_repeats)
@@ -273,6 +282,12 @@ def run_all(plan: Plan, out: Path, progress) -> dict[str, Any]:
             "ratio": round(e2e_service["tokens_per_s"] / e2e_celery["tokens_per_s"], 3), "jobs": plan.celery_jobs,
             "mix": "one_tile", "service": e2e_service, "celery_task": e2e_celery, "repeats": plan.service_repeats,
         },
+        "end_to_end_over_celery_task_fixed": {
+            "max_new_tokens": plan.fixed_max_new_tokens, "jobs": plan.celery_jobs, "mix": "one_tile",
+            "service_jobs_per_s": fixed_service["jobs_per_s"], "celery_task_jobs_per_s": fixed_celery["jobs_per_s"],
+            "ratio": round(fixed_service["jobs_per_s"] / fixed_celery["jobs_per_s"], 3),
+            "service": fixed_service, "celery_task": fixed_celery, "repeats": plan.service_repeats,
+        },
         "api_over_direct": api_direct,
         "structured_over_free": structured,
         "idle_latency_overhead_ms": {"max_wait_ms": plan.max_wait_ms, "by_mix": idle,
@@ -316,6 +331,7 @@ def targets(r: dict[str, Any], cap: str, top: str, max_wait_ms: float) -> dict[s
         "short_job_latency_static_p50_over_continuous_p50": check(
             r["short_job_latency"]["static_p50_over_continuous_p50"], 2.0),
         "end_to_end_over_celery_task": check(r["end_to_end_over_celery_task"]["ratio"], 2.0),
+        "end_to_end_over_celery_task_fixed": check(r["end_to_end_over_celery_task_fixed"]["ratio"], 3.0),
         "api_over_direct": check(r["api_over_direct"]["ratio"], 0.9),
         "structured_over_free": check(r["structured_over_free"]["ratio"], 0.8),
         "batched_over_sequential_one_tile_default_cap": check(r["batched_over_sequential"]["one_tile"][cap], 3.0),

@@ -16,7 +16,8 @@ import pytest
 HEADLINES = ("batched_over_sequential", "continuous_over_sequential", "continuous_over_static", "batching_never_slower",
              "decode_stall_ms", "fixed_lengths",
              "continuous_over_static_fixed_min", "short_job_latency", "service_over_engine", "engine_busy_fraction",
-             "end_to_end_over_celery_task", "api_over_direct", "idle_latency_overhead_ms", "padding_waste",
+             "end_to_end_over_celery_task", "end_to_end_over_celery_task_fixed", "api_over_direct",
+             "idle_latency_overhead_ms", "padding_waste",
              "video_sampling_speedup", "structured_over_free", "control_plane")
 MIXES = {"text", "one_tile", "many_tiles", "video8", "realistic"}
 CAPS = {"1", "8"}
@@ -25,7 +26,8 @@ TARGETS = {
     "continuous_over_sequential_realistic_largest_cap", "batching_never_slower",
     "continuous_over_static_realistic_default_cap", "continuous_over_static_fixed_min",
     "short_job_latency_static_p50_over_continuous_p50",
-    "end_to_end_over_celery_task", "api_over_direct", "batched_over_sequential_one_tile_default_cap",
+    "end_to_end_over_celery_task", "end_to_end_over_celery_task_fixed", "api_over_direct",
+    "batched_over_sequential_one_tile_default_cap",
     "structured_over_free",
     "service_over_engine_min",
     "engine_busy_fraction_min", "idle_latency_overhead_p50_ms", "padding_waste_cut_by_grouping",
@@ -86,6 +88,9 @@ def test_quick_bench_prints_one_json_object_with_every_headline(tmp_path: Path) 
     assert "static_p50_over_continuous_p50" in latency
     e2e = result["end_to_end_over_celery_task"]
     assert {"service_tokens_per_s", "celery_task_tokens_per_s", "ratio", "jobs"} <= set(e2e)
+    fixed_e2e = result["end_to_end_over_celery_task_fixed"]
+    assert fixed_e2e["max_new_tokens"] == 16 and fixed_e2e["ratio"] > 0
+    assert fixed_e2e["ratio"] == round(fixed_e2e["service_jobs_per_s"] / fixed_e2e["celery_task_jobs_per_s"], 3)
     assert set(result["service_over_engine"]) == MIXES
     assert set(result["engine_busy_fraction"]) == MIXES
     assert {"p50", "p99", "max_wait_ms", "by_mix"} <= set(result["idle_latency_overhead_ms"])
