@@ -5,7 +5,8 @@
   prompt + max_new_tokens among them), first come, first served; a request
   over the budget even alone ends `TooLargeForGPU` before it touches the model.
 - `_defer_join`: while rows decode and under a quarter of the cap is free,
-  joins are gathered for at most `JOIN_DEFER_STEPS` steps (one prefill, not one each).
+  joins are gathered for at most `JOIN_DEFER_STEPS` steps (one prefill, not one each),
+  or until the rows about to reach their max_new_tokens (within `JOIN_WAVE_STEPS`) have.
 - `_budget_scale`: this step's vision and prefill budgets, in chunks.
 
 A mixin of `ContinuousEngine` (model_runtime/engine_continuous.py), like
@@ -24,6 +25,7 @@ from model_runtime.types import Prepared, TooLargeForGPU
 
 IDLE_BUDGET_SCALE = 8  # vision and prefill chunks per step at least, while no row is decoding
 JOIN_DEFER_STEPS = 4  # a waiting request holds back at most this many steps to join with others
+JOIN_WAVE_STEPS = 16  # ... or until running rows that end within this many steps have ended
 
 
 class Admission:
@@ -87,11 +89,26 @@ class Admission:
         """True while joins are gathered: rows decode, fewer than a quarter of the cap is free and more
         wait than that, for at most JOIN_DEFER_STEPS steps. Rows that leave one by one are then refilled
         in one vision call and one prefill forward instead of one each (measured: 11 -> 8 prefill
-        forwards at 16 tokens, text, same steps and mean batch)."""
+        forwards at 16 tokens, text, same steps and mean batch).
+
+        When enough running rows reach their max_new_tokens within JOIN_WAVE_STEPS, the join waits for
+        them instead (a wave of short jobs about to end: the early leavers' replacements join with theirs)."""
         free = self.max_batch_size - self.active
         wanted = min(max(1, self.max_batch_size // 4), len(self._waiting))
-        if not running or free >= wanted or self._deferred >= JOIN_DEFER_STEPS:
+        if not running or free >= wanted:
+            self._deferred = 0
+            return False
+        limit = max(JOIN_DEFER_STEPS, self._steps_until_rows_leave(wanted - free))
+        if self._deferred >= limit:
             self._deferred = 0
             return False
         self._deferred += 1
         return True
+
+    def _steps_until_rows_leave(self, count: int) -> int:
+        """Steps until `count` running rows have reached their max_new_tokens, if within JOIN_WAVE_STEPS; else 0."""
+        assert self._running is not None
+        left = sorted(row.prepared.sampling.max_new_tokens - len(row.generated) for _, row in self._running.live())
+        if count > len(left) or left[count - 1] > JOIN_WAVE_STEPS:
+            return 0
+        return self._deferred + left[count - 1]

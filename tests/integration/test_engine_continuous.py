@@ -319,6 +319,41 @@ def test_a_lone_joiner_out_of_memory_beside_rows_not_yet_merged_still_ends(tiny_
         assert ended[item.request_id].token_ids == solo_tokens(tiny_runtime, item)
 
 
+def test_an_early_leavers_replacement_waits_for_the_wave_about_to_end(tiny_runtime, media):
+    # Eight rows pinned at 8 tokens; one is cancelled early. The two that arrive then wait while the
+    # other seven finish (they all end within JOIN_WAVE_STEPS), and join together in one prefill,
+    # instead of one alone after JOIN_DEFER_STEPS (a vision call and a prefill each, at fixed lengths).
+    pin = Sampling(max_new_tokens=8, min_new_tokens=8)
+    wave = [prep(tiny_runtime, simple_chat(f"row {i}"), media, pin, f"row-{i}") for i in range(8)]
+    eng = engine(tiny_runtime)  # cap 8: a join is wanted for 2 free rows
+    for item in wave:
+        eng.add(item)
+    eng.step()
+    assert eng._running is not None and len(eng._running) == 8
+    wave[0].cancelled = lambda: True
+    late = [prep(tiny_runtime, simple_chat(f"late {i}"), media, Sampling(max_new_tokens=4), f"late-{i}")
+            for i in range(2)]
+    for item in late:
+        eng.add(item)
+    ended: dict[str, Any] = {}
+    wave_steps = 0
+    while eng._running is not None and any(row.request_id.startswith("row-") for _, row in eng._running.live()):
+        assert len(eng._waiting) == 2, f"a late request joined after {wave_steps} steps, before the wave ended"
+        ended.update((p.request_id, out) for p, out in eng.step())
+        wave_steps += 1
+        assert wave_steps < 20
+    assert wave_steps > 4  # longer than JOIN_DEFER_STEPS alone would have held them
+    forwards = eng.stats.prefill_chunks
+    ended.update((p.request_id, out) for p, out in eng.step())  # the wave has left: both join now
+    assert eng.stats.prefill_chunks - forwards == 1 and not eng._waiting  # both in one prefill
+    while eng.has_work():
+        ended.update((p.request_id, out) for p, out in eng.step())
+    assert isinstance(ended["row-0"], RequestCancelled)
+    assert all(ended[item.request_id].completion_tokens == 8 for item in wave[1:])
+    for item in late:
+        assert ended[item.request_id].token_ids == solo_tokens(tiny_runtime, item)
+
+
 def test_a_request_over_the_kv_budget_is_refused_before_it_touches_the_model(tiny_runtime, media):
     items = mixed(tiny_runtime, media, lengths=(10,) * 7)
     big, next_longest = biggest_and_next(items)
