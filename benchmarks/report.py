@@ -171,6 +171,7 @@ def markdown(r: dict[str, Any]) -> str:
         "", f"ratio: {e2e['ratio']}.",
         *_e2e_fixed_section(r.get("end_to_end_over_celery_task_fixed")),
         *_structured_section(r.get("structured_over_free")),
+        *_control_plane_section(r.get("control_plane")),
         "", "### idle_latency_overhead_ms (one job at a time: submit → result, minus generate)", "",
         _table(["mix", "jobs", "p50 ms", "p99 ms", "queued p50", "preprocess p50", "batch wait p50",
                 "after generate p50", "max_wait_ms"],
@@ -294,4 +295,16 @@ def _e2e_fixed_section(e2e: dict[str, Any] | None) -> list[str]:
                 ["a plain Celery task, one generate per job", e2e["celery_task_jobs_per_s"],
                  e2e["celery_task"]["tokens"], e2e["celery_task"]["seconds"]]]),
         "", f"ratio: {e2e['ratio']} (target 3).",
+    ]
+
+
+def _control_plane_section(cp: dict[str, Any] | None) -> list[str]:
+    if not cp or "instant" not in cp:
+        return []
+    from benchmarks.control_plane import table
+
+    return [
+        "", ("### control plane (the real worker around an instant engine, then the tiny model at max_new_tokens 1; "
+             "every job of a mix at once; CPU ms per job, Redis commands per job with the producer's waits)"), "",
+        table(cp),
     ]
