@@ -198,12 +198,6 @@ def markdown(r: dict[str, Any]) -> str:
                  x["batched_vs_first"], x.get("continuous_vs_first"), x.get("service_jobs_per_s")]
                 for t, x in r["torch_threads"].items()]),
     ]
-    if "control_plane" in r:
-        from benchmarks.control_plane import table as control_plane_table
-
-        parts += ["", "### control plane (the real worker around an instant engine, and the tiny model; "
-                      "max_new_tokens 1; CPU ms per job; benchmarks/control_plane.py)", "",
-                  control_plane_table(r["control_plane"])]
     if meta.get("phase_seconds"):
         parts += ["", "Seconds per phase: " + ", ".join(f"{k} {val}" for k, val in meta["phase_seconds"].items()) + "."]
     return "\n".join(parts)
