@@ -217,19 +217,14 @@ def run_all(plan: Plan, out: Path, progress) -> dict[str, Any]:
                                              media_limits=service.runtime.ctx.media_limits,
                                              max_tiles=service.settings.max_tiles, alongside=service.app))
         base.run(e2e_mix.requests[:2])  # the baseline worker's first task off the clock
-        e2e_pairs = [(service.run_saturated(e2e_mix), base.run(e2e_mix.requests))
-                     for _ in range(plan.service_repeats)]
-        e2e_service = max((p[0] for p in e2e_pairs), key=lambda x: x["tokens_per_s"])
-        e2e_celery = max((p[1] for p in e2e_pairs), key=lambda x: x["tokens_per_s"])
+        e2e_service, e2e_celery = against_celery_task(service, base, e2e_mix, plan.service_repeats, "tokens_per_s")
         # The same at fixed short outputs (tagging, moderation): every job max_new_tokens 16, jobs/s.
         e2e_fixed_mix = build_mixes(media, service.url_of, jobs=plan.celery_jobs, names=("one_tile",), seed=2,
                                     max_new_tokens=plan.fixed_max_new_tokens)["one_tile"]
         phase("celery_task_fixed", f"service against the plain Celery task: {plan.celery_jobs} one_tile jobs at "
                                    f"max_new_tokens {plan.fixed_max_new_tokens}")
-        fixed_pairs = [(service.run_saturated(e2e_fixed_mix), base.run(e2e_fixed_mix.requests))
-                       for _ in range(plan.service_repeats)]
-        fixed_service = max((p[0] for p in fixed_pairs), key=lambda x: x["jobs_per_s"])
-        fixed_celery = max((p[1] for p in fixed_pairs), key=lambda x: x["jobs_per_s"])
+        fixed_service, fixed_celery = against_celery_task(service, base, e2e_fixed_mix, plan.service_repeats,
+                                                          "jobs_per_s")
 
         phase("api", f"service through the HTTP API against JobClient: {plan.celery_jobs} one_tile jobs at once")
         api_direct = bench_api_over_direct(service, e2e_mix.requests, plan.service_repeats)
@@ -311,6 +306,13 @@ def run_all(plan: Plan, out: Path, progress) -> dict[str, Any]:
     results["meta"]["phase_seconds"] = phase.seconds
     results["meta"]["bench_seconds"] = round(time.perf_counter() - started, 1)
     return results
+
+
+def against_celery_task(service: Any, base: Any, mix: Any, repeats: int, key: str) -> tuple[dict, dict]:
+    """The service and the plain Celery task on the same jobs, alternated `repeats` times; the best run of each
+    by `key` (tokens/s or jobs/s)."""
+    pairs = [(service.run_saturated(mix), base.run(mix.requests)) for _ in range(repeats)]
+    return (max((p[0] for p in pairs), key=lambda x: x[key]), max((p[1] for p in pairs), key=lambda x: x[key]))
 
 
 def targets(r: dict[str, Any], cap: str, top: str, max_wait_ms: float) -> dict[str, Any]:
