@@ -44,7 +44,8 @@ def _sse(data: dict[str, Any]) -> str:
 
 class ChatRoutes:
     def __init__(self, client: JobClient, aio: aioredis.Redis, fanout: Fanout,
-                 tenant_of: Callable[[str | None], Tenant], *, served_model: str, store: ObjectStore | None, created: int | None = None):
+                 tenant_of: Callable[[str | None], Tenant], *, served_model: str,
+                 store: ObjectStore | None, created: int | None = None):
         self.client, self.aio, self.fanout, self.tenant_of = client, aio, fanout, tenant_of
         self.served_model, self.store = served_model, store
         self.created = created or int(time.time())
