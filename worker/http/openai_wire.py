@@ -40,7 +40,8 @@ _IGNORED = {"user", "metadata", "store", "parallel_tool_calls", "service_tier", 
             "safety_identifier", "reasoning_effort"}
 _KNOWN = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop", "n",
           "response_format", "stream", "stream_options", "frequency_penalty", "presence_penalty", "logprobs",
-          "top_logprobs", "logit_bias", "tools", "tool_choice", "functions", "function_call"} | _IGNORED
+          "top_logprobs", "logit_bias", "tools", "tool_choice", "functions", "function_call",
+          "min_tokens"} | _IGNORED  # min_tokens: vLLM's extension (extra_body), no end before that many tokens
 
 STATUS_OF: dict[ErrorCode, int] = {
     ErrorCode.invalid_request: 400, ErrorCode.media_not_found: 400, ErrorCode.invalid_media: 400,
@@ -228,6 +229,9 @@ def to_jobs(body: Any, served_model: str, sink: MediaSink | None, *, max_n: int 
     if not isinstance(stops, list) or len(stops) > MAX_STOP_STRINGS or not all(isinstance(s, str) for s in stops):
         raise _bad(f"stop is a string or a list of at most {MAX_STOP_STRINGS} strings", "stop")
     generation: dict[str, Any] = {"max_new_tokens": limit or DEFAULT_MAX_TOKENS, "stop": stops}
+    min_tokens = _integer(body, "min_tokens", 0, generation["max_new_tokens"])
+    if min_tokens:
+        generation["min_new_tokens"] = min_tokens
     if temperature != 0.0:  # OpenAI samples unless the temperature is 0
         generation.update(do_sample=True, temperature=temperature or 1.0)
         if top_p is not None and top_p > 0:
