@@ -48,9 +48,10 @@ MAX_ERRORS = 100  # listed in a failed batch's errors
 FINAL = ("failed", "completed", "expired", "cancelled")
 
 
-def _line_error(custom_id: str, job_id: str | None, status: int | None, code: str, message: str) -> dict[str, Any]:
+def _line_error(custom_id: str, job_id: str | None, status: int | None, code: str, message: str,
+                param: str | None = None) -> dict[str, Any]:
     response = None if status is None else {"status_code": status, "request_id": job_id or "",
-                                            "body": wire.error_body(message, status, code)}
+                                            "body": wire.error_body(message, status, code, param)}
     return {"id": f"batch_req_{job_id or custom_id}", "custom_id": custom_id, "response": response,
             "error": None if status is not None else {"code": code, "message": message}}
 
@@ -129,7 +130,7 @@ class OpenAIBatches:
         self._save(tenant, fields["id"], **fields)
         self.redis.expire(self._key(tenant, fields["id"]), DEFAULT_TTL_S)
         self.redis.zadd(self._index(tenant), {fields["id"]: time.time()})
-        self.redis.expire(self._index(tenant), DEFAULT_TTL_S, gt=True)
+        self.redis.expire(self._index(tenant), DEFAULT_TTL_S)
 
     @staticmethod
     def _refused_key(tenant: str, batch_id: str) -> str:
@@ -182,7 +183,8 @@ class OpenAIBatches:
             except ServiceError as exc:
                 status = exc.status if isinstance(exc, wire.OpenAIError) else wire.status_of(exc.code)
                 code = exc.openai_code if isinstance(exc, wire.OpenAIError) else exc.code.value
-                refused.write(json.dumps(_line_error(custom_id, None, status, code, exc.message)) + "\n")
+                param = exc.param if isinstance(exc, wire.OpenAIError) else None
+                refused.write(json.dumps(_line_error(custom_id, None, status, code, exc.message, param)) + "\n")
                 refused_n += 1
                 continue
             checked.spool.write(f"{custom_id}\t{request}\n")

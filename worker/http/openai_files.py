@@ -92,7 +92,7 @@ class Files:
         pipe = self.redis.pipeline(transaction=False)
         pipe.set(self._record(tenant, file_id), json.dumps(obj), ex=ttl_s)
         pipe.zadd(self._index(tenant), {file_id: time.time()})
-        pipe.expire(self._index(tenant), DEFAULT_TTL_S, gt=True)
+        pipe.expire(self._index(tenant), DEFAULT_TTL_S)
         pipe.execute()
         return obj
 
