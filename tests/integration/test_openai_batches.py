@@ -11,6 +11,7 @@ import time
 
 import openai
 import pytest
+import redis
 
 from tests.integration.openai_service import openai_service
 
@@ -112,6 +113,23 @@ def test_cancel_keeps_what_ended_and_a_second_cancel_is_a_final_conflict(svc):
     with pytest.raises(openai.ConflictError) as info:
         svc.client(max_retries=2).batches.cancel(batch.id)
     assert info.value.response.headers["x-should-retry"] == "false"
+
+
+def test_a_batch_past_its_window_expires_keeping_what_ended(svc):
+    client = svc.client()
+    lines = [_line("quick")] + [_line("long", max_tokens=4000, min_tokens=4000)]
+    batch = client.batches.create(input_file_id=_upload(client, lines), endpoint=ENDPOINT, completion_window="24h")
+    end = time.monotonic() + 60
+    while client.batches.retrieve(batch.id).request_counts.completed < 1:
+        assert time.monotonic() < end
+        time.sleep(0.2)
+    r = redis.Redis.from_url(svc.settings.redis_url)
+    r.hset(f"{{ivq:tenant:acme}}:oai:batch:{batch.id}", "expires_at", json.dumps(int(time.time()) - 1))  # 24 h on
+    r.close()
+    done = _until_final(client, batch.id)
+    assert done.status == "expired" and done.expired_at is not None
+    assert list(_jsonl(client, done.output_file_id)) == ["quick"]
+    assert _jsonl(client, done.error_file_id)["long"]["error"]["code"] == "batch_expired"
 
 
 def test_list_pages_with_after_and_has_more(svc):

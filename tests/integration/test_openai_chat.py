@@ -105,6 +105,16 @@ def test_stream_equals_the_non_streamed_text_and_ends_with_usage(svc):
     assert all(c.usage is None for c in chunks[:-1])
     plain = list(client.chat.completions.create(**args, stream=True))  # no usage chunk without include_usage
     assert all(c.choices for c in plain)
+    two = client.chat.completions.create(**args, n=2)
+    streamed = {0: "", 1: ""}
+    for c in client.chat.completions.create(**args, n=2, stream=True):
+        streamed[c.choices[0].index] += c.choices[0].delta.content or ""
+    assert [streamed[0], streamed[1]] == [c.message.content for c in two.choices]
+    failing = client.chat.completions.create(model="tiny", max_tokens=2, stream=True, messages=[{
+        "role": "user", "content": [{"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}]}])
+    with pytest.raises(openai.APIError) as info:  # the job failed after the stream began: an error event
+        list(failing)
+    assert "forbidden" in str(info.value.message).lower() or info.value.code == "forbidden_url"
 
 
 def test_a_stop_string_cuts_the_output_before_it(svc):
@@ -179,7 +189,7 @@ def test_each_error_class_in_openais_shape(svc):
         with pytest.raises(kind) as info:
             caller.chat.completions.create(**{"model": "tiny", "messages": HELLO, "max_tokens": 2, **override})
         assert info.value.status_code == status and info.value.code == code, (code, info.value.body)
-        assert set(info.value.body) == {"message", "type", "param", "code"}
+        assert set(info.value.body) == {"message", "type", "param", "code"} and info.value.request_id
     # 5xx: the API with no Redis behind it
     dead = f"redis://127.0.0.1:{free_port()}/0"
     registry = TenantRegistry.for_keys({"acme": KEYS["acme"]})

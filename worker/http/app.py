@@ -163,6 +163,7 @@ def create_api(redis_url: str, tenants: TenantRegistry, *, batches: BatchRoutes 
         route = getattr(request.scope.get("route"), "path", "other")
         metrics.requests.labels(route=route, status=str(response.status_code)).inc()
         metrics.latency.labels(route=route).observe(time.perf_counter() - started)
+        response.headers["x-request-id"] = request.headers.get("x-request-id") or "req_" + uuid.uuid4().hex
         return response
 
     def tenant_of(authorization: str | None) -> Tenant:
