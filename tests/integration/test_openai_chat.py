@@ -222,6 +222,7 @@ def test_quota_gives_429_and_the_sdks_own_retry_gets_through_a_rate_limit(svc):
     assert done.choices[0].message.content is not None and time.monotonic() - started >= 1.0
     metrics = httpx.get(svc.base + "/metrics").text
     assert 'ivq_api_refusals_total{kind="job",reason="rate_limited",tenant="slow"} 1.0' in metrics
+    assert sorted(_jobs_of(svc.settings.redis_url, "slow").values()) == ["succeeded"] * 2  # the refusal made none
 
 
 def test_a_client_that_goes_away_cancels_its_jobs(svc):
