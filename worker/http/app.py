@@ -108,7 +108,10 @@ def create_api(redis_url: str, tenants: TenantRegistry, *, batches: BatchRoutes 
     metrics = ApiMetrics()
     app = FastAPI(title="internvl-queue", version="1",
                   description="Queued InternVL jobs over images and videos in object storage.\n\n"
-                              "Errors are `{\"error\": {\"code\", \"message\"}}`:\n\n" + ERRORS_DOC)
+                              "Errors are `{\"error\": {\"code\", \"message\"}}`:\n\n" + ERRORS_DOC +
+                              "\n\nThe OpenAI-compatible routes (tag `openai`: /v1/chat/completions, /v1/models, "
+                              "/v1/files, /v1/batches) answer OpenAI's `{\"error\": {\"message\", \"type\", "
+                              "\"param\", \"code\"}}`, the same codes in `code`.")
     app.state.client, app.state.tenants = client, tenants
     _document_job_request(app)
 

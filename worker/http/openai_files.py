@@ -136,7 +136,10 @@ class Files:
 
 def mount_files(app: FastAPI, files: Files, tenant_of: Callable[[str | None], Tenant], *, max_bytes: int) -> None:
     @app.post("/v1/files", summary="OpenAI Files: upload a batch input (multipart: file, purpose)",
-              tags=["openai"])
+              tags=["openai"], openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {
+                  "schema": {"type": "object", "required": ["file", "purpose"], "properties": {
+                      "file": {"type": "string", "format": "binary"}, "purpose": {"type": "string", "enum": ["batch"]},
+                      "expires_after[seconds]": {"type": "integer"}}}}}}})
     async def upload(request: Request) -> dict[str, Any]:
         tenant = tenant_of(request.headers.get("authorization"))
         declared = request.headers.get("content-length")

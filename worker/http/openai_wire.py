@@ -126,6 +126,9 @@ def resolve_url(url: Any, param: str, sink: MediaSink | None) -> str:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
         raise _bad("the data: URL is not valid base64", param) from None
+    if len(data) > MAX_DATA_URL_BYTES:
+        raise OpenAIError(f"a data: URL holds at most {MAX_DATA_URL_BYTES} bytes", param=param,
+                          code=ErrorCode.media_too_large.value)
     if sink is None:
         raise _bad("data: URLs are not accepted here (the service has no object store configured)", param)
     return sink(data, ext)
