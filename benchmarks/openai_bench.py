@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,8 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from api_client import HttpJobClient, JobClient, JobRequest, keys
-from benchmarks.api_bench import serving_api
+from api_client import HttpJobClient, JobRequest
+from benchmarks.api_bench import serving_api, serving_worker
 from worker.ops.embedded import EmbeddedRedis
 
 
@@ -79,24 +77,10 @@ def _pct(values: list[float], q: float) -> float:
 def bench(work: Path, *, jobs: int, concurrency: int, rounds: int, latency_jobs: int, tokens: int) -> dict[str, Any]:
     import openai
 
-    from model_runtime.tiny import ensure_tiny
-
     redis_server = EmbeddedRedis(work / "redis")
-    cache = work / "models"
-    ensure_tiny(cache)
-    env = {**os.environ, "IVQ_REDIS_URL": redis_server.url, "IVQ_MODEL": "tiny", "IVQ_MODEL_CACHE_DIR": str(cache),
-           "IVQ_DATA_DIR": str(work / "data"), "IVQ_STORE_URL": f"file://{work / 'api' / 'api-store'}",
-           "IVQ_LOG_LEVEL": "WARNING", "IVQ_WORKER_ID": "bench-worker"}
-    worker = subprocess.Popen([sys.executable, "-m", "worker.cli", "worker"], env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
     try:
-        r = JobClient(redis_server.url).redis
-        deadline = time.monotonic() + 180
-        while not r.hexists(keys.WORKERS, "bench-worker"):
-            if worker.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the worker did not start")
-            time.sleep(0.2)
-        with serving_api(redis_server.url, work / "api") as (base, key), \
+        with serving_worker(redis_server.url, work, IVQ_STORE_URL=f"file://{work / 'api' / 'api-store'}"), \
+                serving_api(redis_server.url, work / "api") as (base, key), \
                 HttpJobClient(base, key, timeout=600) as http:
             sdk = openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0, timeout=600)
             variants = {"native": _native_job(http, tokens), "openai": _openai_job(sdk, tokens)}
@@ -115,8 +99,6 @@ def bench(work: Path, *, jobs: int, concurrency: int, rounds: int, latency_jobs:
                     latency[name].append(time.perf_counter() - started)
             sdk.close()
     finally:
-        worker.terminate()
-        worker.wait(timeout=90)
         redis_server.stop()
     best = {name: max(rs, key=lambda x: x["jobs_per_s"]) for name, rs in runs.items()}
     p50 = {name: _pct(v, 50) * 1000 for name, v in latency.items()}
