@@ -93,6 +93,17 @@ def test_a_bad_envelope_fails_the_whole_batch_by_line(svc, bad, line):
     assert [e.line for e in batch.errors.data] == [line] and batch.errors.data[0].message
 
 
+def test_a_batch_whose_every_body_is_refused_completes_with_an_error_file_only(svc):
+    client = svc.client()
+    batch = client.batches.create(input_file_id=_upload(client, [_line("a", top_p=3), _line("b", model="gpt-4o")]),
+                                  endpoint=ENDPOINT, completion_window="24h")
+    assert batch.status == "completed" and batch.request_counts.model_dump() == {"total": 2, "completed": 0,
+                                                                                 "failed": 2}
+    assert client.files.content(batch.output_file_id).text == ""
+    errors = _jsonl(client, batch.error_file_id)
+    assert {k: r["response"]["status_code"] for k, r in errors.items()} == {"a": 400, "b": 404}
+
+
 def test_cancel_keeps_what_ended_and_a_second_cancel_is_a_final_conflict(svc):
     client = svc.client()
     lines = [_line("quick")] + [_line(f"long-{i}", max_tokens=4000, min_tokens=4000) for i in range(3)]
