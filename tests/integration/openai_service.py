@@ -23,6 +23,7 @@ from worker.ops.embedded import serve_in_thread
 from worker.settings import Settings
 
 STORE_BUCKET, MEDIA_BUCKET = "oai-store", "oai-media"
+WEBHOOK_SECRET = "whsec_" + "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo0NTY3ODk="
 KEYS = {name: new_key() for name in ("acme", "globex", "slow", "tight", "onestream", "quitter")}
 LIMITS: dict[str, dict[str, Any]] = {"slow": {"rate_per_s": 0.5, "burst": 1}, "tight": {"max_active": 1},
                                      "onestream": {"max_streams": 1}}
@@ -81,7 +82,7 @@ def openai_service(redis_url: str, s3_server: Any, data: Path) -> Iterator[Servi
     settings = Settings(redis_url=redis_url, data_dir=data, model="tiny", model_cache_dir=data.parent / "models-cache",
                         store_url=f"s3://{STORE_BUCKET}/ivq", s3_endpoint_url=s3_server.endpoint_url,
                         max_batch_size=8, concurrency=16, lease_s=2, cancel_poll_s=0.2, job_timeout_s=120,
-                        allow_https_media=True, callback_allow_private=True)
+                        allow_https_media=True, callback_allow_private=True, webhook_secret=WEBHOOK_SECRET)
     store = open_store(settings.resolved_store_url, s3_endpoint_url=settings.s3_endpoint_url)
     routes = BatchRoutes(store, max_body_bytes=settings.api_max_batch_bytes)
     media = MediaServer()

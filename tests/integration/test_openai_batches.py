@@ -13,7 +13,8 @@ import openai
 import pytest
 import redis
 
-from tests.integration.openai_service import openai_service
+from tests.faults.netfaults import WebhookReceiver
+from tests.integration.openai_service import WEBHOOK_SECRET, openai_service
 
 ENDPOINT = "/v1/chat/completions"
 
@@ -52,8 +53,9 @@ def test_a_full_batch_cycle_with_good_and_refused_lines(svc):
     client = svc.client()
     lines = [_line(f"ok-{i}") for i in range(4)] + [_line("hot", temperature=9), _line("many", n=2)]
     file_id = _upload(client, lines)
+    receiver = WebhookReceiver(WEBHOOK_SECRET)
     batch = client.batches.create(input_file_id=file_id, endpoint=ENDPOINT, completion_window="24h",
-                                  metadata={"run": "nightly"})
+                                  metadata={"run": "nightly"}, extra_body={"callback_url": receiver.url})
     assert (batch.object, batch.endpoint, batch.input_file_id, batch.completion_window) == (
         "batch", ENDPOINT, file_id, "24h")
     assert batch.status in ("in_progress", "finalizing", "completed") and batch.metadata == {"run": "nightly"}
@@ -77,6 +79,12 @@ def test_a_full_batch_cycle_with_good_and_refused_lines(svc):
     assert done.usage.input_tokens == sum(r["response"]["body"]["usage"]["prompt_tokens"] for r in out.values())
     output_file = client.files.retrieve(done.output_file_id)
     assert (output_file.purpose, output_file.object) == ("batch_output", "file")
+    end = time.monotonic() + 20
+    while not receiver.snapshot() and time.monotonic() < end:
+        time.sleep(0.1)
+    receiver.close()
+    [posted] = receiver.snapshot()  # the native batch's one completion callback, signed
+    assert posted.event_type == "batch.completed" and posted.verified
 
 
 @pytest.mark.parametrize("bad, line", [

@@ -15,6 +15,8 @@ batch jobs (the batch id is the native batch's). When the native batch has compl
 workers' sweeper wrote its results), the next read of the batch writes the output and error
 files in OpenAI's line format (finalizing, then completed, cancelled or expired). A batch not
 done within its window is expired: its unfinished jobs are cancelled, what ended is kept.
+`callback_url` (an extension, through the SDK's extra_body) gets the native batch's one signed
+`batch.completed` callback when its jobs have all ended.
 """
 
 from __future__ import annotations
@@ -28,13 +30,14 @@ from typing import IO, Any
 
 import redis
 from fastapi import FastAPI, Request
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from api_client import keys
 from api_client.client import JobClient
 from api_client.errors import JobNotFound, ServiceError
 from api_client.jobstate import as_text
-from api_client.schema import ErrorCode
+from api_client.schema import CallbackSpec, ErrorCode
 from worker.http import openai_wire as wire
 from worker.http.batch_store import CHUNK, MAX_LINES, Batches, Checked
 from worker.http.openai_chat import ChatRoutes
@@ -91,6 +94,12 @@ class OpenAIBatches:
                 for k, v in metadata.items()):
             raise wire.OpenAIError("metadata: at most 16 string pairs, keys <= 64 and values <= 512 characters",
                                    param="metadata")
+        callback = None
+        if body.get("callback_url") is not None:  # this service's extension (extra_body): the native batch callback
+            try:
+                callback = CallbackSpec(url=body["callback_url"])
+            except (ValidationError, TypeError):
+                raise wire.OpenAIError("callback_url must be an http(s) URL", param="callback_url") from None
         file_id = body.get("input_file_id")
         if not isinstance(file_id, str):
             raise wire.OpenAIError("input_file_id is required", param="input_file_id")
@@ -118,7 +127,7 @@ class OpenAIBatches:
                 self.client.quotas.admit_batch(tenant.name, batch_id, checked.accepted, checked.request_bytes,
                                                tenant.limits, now=time.time())  # 429: nothing recorded
                 try:
-                    self.batches.create(tenant.name, checked, callback=None, batch_id=batch_id)
+                    self.batches.create(tenant.name, checked, callback=callback, batch_id=batch_id)
                 except BaseException:
                     self.client.quotas.drop_batch(tenant.name, batch_id)
                     raise
