@@ -321,13 +321,9 @@ class OpenAIBatches:
         if row["state"] == "succeeded":
             usage = row.get("usage") or {}
             prompt, completion = int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
-            body = {"id": f"chatcmpl-{job_id}", "object": "chat.completion", "created": created,
-                    "model": self.chat.served_model,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": row["output"],
-                                                         "refusal": None},
-                                 "finish_reason": row.get("finish_reason") or "stop", "logprobs": None}],
-                    "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
-                              "total_tokens": prompt + completion}}
+            body = wire.completion(f"chatcmpl-{job_id}", self.chat.served_model,
+                                   [(row["output"], row.get("finish_reason") or "stop")],
+                                   wire.usage_of(prompt, completion), created)
             return {"id": f"batch_req_{job_id}", "custom_id": custom_id,
                     "response": {"status_code": 200, "request_id": job_id, "body": body}, "error": None}
         error = row.get("error") or {}

@@ -204,7 +204,7 @@ class ChatRoutes:
                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
             job_ids = await run_in_threadpool(self._submit, jobs, tenant)
             results = await self._wait(request, job_ids, tenant)
-            return JSONResponse(wire.completion(chat_id, self.served_model, results))
+            return JSONResponse(wire.of_results(chat_id, self.served_model, results))
 
         @app.get("/v1/models", summary="OpenAI Models: the served model", tags=["openai"])
         def models(request: Request) -> dict[str, Any]:

@@ -260,18 +260,26 @@ def new_id(prefix: str = "chatcmpl-") -> str:
 
 def usage(results: list[JobResult]) -> dict[str, int]:
     """The prompt once (every choice has the same), the completions summed."""
-    prompt = results[0].usage.prompt_tokens if results else 0
-    completion = sum(r.usage.completion_tokens for r in results)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return usage_of(results[0].usage.prompt_tokens if results else 0, sum(r.usage.completion_tokens for r in results))
 
 
-def completion(chat_id: str, model: str, results: list[JobResult], created: int | None = None) -> dict[str, Any]:
+def usage_of(prompt: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion_tokens, "total_tokens": prompt + completion_tokens}
+
+
+def completion(chat_id: str, model: str, choices: list[tuple[str, str]], used: dict[str, int],
+               created: int | None = None) -> dict[str, Any]:
+    """A `chat.completion` of (text, finish_reason) choices (the batch routes' output lines too)."""
     return {
         "id": chat_id, "object": "chat.completion", "created": created or int(time.time()), "model": model,
-        "choices": [{"index": i, "message": {"role": "assistant", "content": r.output_text, "refusal": None},
-                     "finish_reason": r.finish_reason, "logprobs": None} for i, r in enumerate(results)],
-        "usage": usage(results), "system_fingerprint": None,
+        "choices": [{"index": i, "message": {"role": "assistant", "content": text, "refusal": None},
+                     "finish_reason": reason, "logprobs": None} for i, (text, reason) in enumerate(choices)],
+        "usage": used, "system_fingerprint": None,
     }
+
+
+def of_results(chat_id: str, model: str, results: list[JobResult]) -> dict[str, Any]:
+    return completion(chat_id, model, [(r.output_text, r.finish_reason) for r in results], usage(results))
 
 
 def chunk(chat_id: str, model: str, created: int, index: int, delta: dict[str, Any],
