@@ -107,8 +107,8 @@ class ChatRoutes:
             while True:
                 wake.clear()
                 state = await self.aio.hget(keys.job(job_id), "state")
-                if state is not None and JobState(as_text(state)).terminal:
-                    return
+                if state is None or JobState(as_text(state)).terminal:
+                    return  # ended (or its record is gone: _result says JobNotFound)
                 with anyio.move_on_after(KEEPALIVE_S):
                     await wake.wait()
 
