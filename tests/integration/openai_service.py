@@ -1,4 +1,4 @@
-"""One service for the OpenAI-SDK tests: real uvicorn, the session's redis-server, an in-process
+"""One service for the OpenAI-SDK tests: real uvicorn, the test run's redis-server, an in-process
 worker (tiny model: gibberish text by design), the object store on moto's S3, and a loopback
 HTTP server for https-style media (the SSRF guard lets private addresses through only with
 callback_allow_private, as here)."""
