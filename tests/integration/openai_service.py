@@ -24,9 +24,10 @@ from worker.settings import Settings
 
 STORE_BUCKET, MEDIA_BUCKET = "oai-store", "oai-media"
 WEBHOOK_SECRET = "whsec_" + "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo0NTY3ODk="
-KEYS = {name: new_key() for name in ("acme", "globex", "slow", "tight", "onestream", "quitter")}
-LIMITS: dict[str, dict[str, Any]] = {"slow": {"rate_per_s": 0.5, "burst": 1}, "tight": {"max_active": 1},
-                                     "onestream": {"max_streams": 1}}
+# Tenant names of these tests only: the test run's Redis also holds other modules' tenants' jobs.
+KEYS = {name: new_key() for name in ("acme", "globex", "oai-slow", "oai-tight", "oai-onestream", "oai-quitter")}
+LIMITS: dict[str, dict[str, Any]] = {"oai-slow": {"rate_per_s": 0.5, "burst": 1}, "oai-tight": {"max_active": 1},
+                                     "oai-onestream": {"max_streams": 1}}
 
 
 @dataclass

@@ -201,45 +201,45 @@ def test_each_error_class_in_openais_shape(svc):
 
 
 def test_quota_gives_429_and_the_sdks_own_retry_gets_through_a_rate_limit(svc):
-    tight = svc.client("tight")
+    tight = svc.client("oai-tight")
     def hold() -> None:  # a long job holding the one place until its client gives up (and it is cancelled)
         with pytest.raises(openai.APITimeoutError):
             tight.with_options(timeout=3).chat.completions.create(model="tiny", messages=HELLO, **LONG)
 
     holder = threading.Thread(target=hold, daemon=True)
     holder.start()
-    _until(lambda: "running" in _jobs_of(svc.settings.redis_url, "tight").values() or
-           "queued" in _jobs_of(svc.settings.redis_url, "tight").values())
+    _until(lambda: "running" in _jobs_of(svc.settings.redis_url, "oai-tight").values() or
+           "queued" in _jobs_of(svc.settings.redis_url, "oai-tight").values())
     with pytest.raises(openai.RateLimitError) as info:
         tight.chat.completions.create(model="tiny", messages=HELLO, max_tokens=2)
     assert info.value.code == "quota_exceeded" and 1 <= int(info.value.response.headers["retry-after"]) <= 120
     holder.join(10)
-    _until(lambda: list(_jobs_of(svc.settings.redis_url, "tight").values()) == ["cancelled"])
-    slow = svc.client("slow", max_retries=2)
+    _until(lambda: list(_jobs_of(svc.settings.redis_url, "oai-tight").values()) == ["cancelled"])
+    slow = svc.client("oai-slow", max_retries=2)
     slow.chat.completions.create(model="tiny", messages=HELLO, max_tokens=2)  # the burst of 1
     started = time.monotonic()
     done = slow.chat.completions.create(model="tiny", messages=HELLO, max_tokens=2)  # 429, Retry-After, retried
     assert done.choices[0].message.content is not None and time.monotonic() - started >= 1.0
     metrics = httpx.get(svc.base + "/metrics").text
-    assert 'ivq_api_refusals_total{kind="job",reason="rate_limited",tenant="slow"} 1.0' in metrics
-    assert sorted(_jobs_of(svc.settings.redis_url, "slow").values()) == ["succeeded"] * 2  # the refusal made none
+    assert 'ivq_api_refusals_total{kind="job",reason="rate_limited",tenant="oai-slow"} 1.0' in metrics
+    assert sorted(_jobs_of(svc.settings.redis_url, "oai-slow").values()) == ["succeeded"] * 2  # the refusal made none
 
 
 def test_a_client_that_goes_away_cancels_its_jobs(svc):
-    quitter = svc.client("quitter", timeout=2.0)
+    quitter = svc.client("oai-quitter", timeout=2.0)
     with pytest.raises(openai.APITimeoutError):
         quitter.chat.completions.create(model="tiny", messages=HELLO, n=2, **LONG)
-    _until(lambda: sorted(_jobs_of(svc.settings.redis_url, "quitter").values()) == ["cancelled", "cancelled"])
-    stream = svc.client("quitter").chat.completions.create(model="tiny", messages=HELLO, stream=True, **LONG)
+    _until(lambda: sorted(_jobs_of(svc.settings.redis_url, "oai-quitter").values()) == ["cancelled", "cancelled"])
+    stream = svc.client("oai-quitter").chat.completions.create(model="tiny", messages=HELLO, stream=True, **LONG)
     for i, _ in enumerate(stream):
         if i == 3:
             break
     stream.close()
-    _until(lambda: list(_jobs_of(svc.settings.redis_url, "quitter").values()).count("cancelled") == 3)
+    _until(lambda: list(_jobs_of(svc.settings.redis_url, "oai-quitter").values()).count("cancelled") == 3)
 
 
 def test_the_tenants_stream_cap_holds_on_chat_streams(svc):
-    client = svc.client("onestream")
+    client = svc.client("oai-onestream")
     first = client.chat.completions.create(model="tiny", messages=HELLO, stream=True, **LONG)
     next(iter(first))
     with pytest.raises(openai.RateLimitError) as info:
