@@ -143,7 +143,7 @@ class HttpJobClient:
         params: dict[str, Any] = {"partial": "true" if partial else "false"}
         if callback_url:
             params["callback_url"] = callback_url
-        response = self.http.post("/v1/batches", content=body, params=params,
+        response = self.http.post("/v1/native/batches", content=body, params=params,
                                   headers={"Content-Type": "application/jsonl"})
         if response.status_code == 422 and "lines" in response.json():
             lines_bad = response.json()["lines"]
@@ -153,11 +153,11 @@ class HttpJobClient:
 
     def batch(self, batch_id: str) -> dict[str, Any]:
         """The batch's state and its jobs' counts by state."""
-        return dict(self._call("GET", f"/v1/batches/{batch_id}"))
+        return dict(self._call("GET", f"/v1/native/batches/{batch_id}"))
 
     def batch_results(self, batch_id: str) -> Iterator[dict[str, Any]]:
         """A completed batch's results, one dict a line, in input order."""
-        with self.http.stream("GET", f"/v1/batches/{batch_id}/results") as response:
+        with self.http.stream("GET", f"/v1/native/batches/{batch_id}/results") as response:
             if response.status_code >= 400:
                 response.read()
                 _raise_for(response)

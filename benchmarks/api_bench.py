@@ -56,6 +56,32 @@ def serving_api(redis_url: str, out_dir: Path) -> Iterator[tuple[str, str]]:
         proc.wait(timeout=30)
 
 
+@contextmanager
+def serving_worker(redis_url: str, work: Path, **env_extra: str) -> Iterator[None]:
+    """A worker process (`internvl-queue worker`, the tiny model), yielded once it has announced itself."""
+    from api_client import JobClient, keys
+    from model_runtime.tiny import ensure_tiny
+
+    cache = work / "models"
+    ensure_tiny(cache)
+    env = {**os.environ, "IVQ_REDIS_URL": redis_url, "IVQ_MODEL": "tiny", "IVQ_MODEL_CACHE_DIR": str(cache),
+           "IVQ_DATA_DIR": str(work / "data"), "IVQ_LOG_LEVEL": "WARNING", "IVQ_WORKER_ID": "bench-worker",
+           **env_extra}
+    worker = subprocess.Popen([sys.executable, "-m", "worker.cli", "worker"], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        with JobClient(redis_url) as probe:
+            deadline = time.monotonic() + 180
+            while not probe.redis.hexists(keys.WORKERS, "bench-worker"):
+                if worker.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the worker did not start")
+                time.sleep(0.2)
+        yield
+    finally:
+        worker.terminate()
+        worker.wait(timeout=90)
+
+
 def _commands(redis: Any) -> int:
     return sum(int(v["calls"]) for k, v in redis.info("commandstats").items())
 

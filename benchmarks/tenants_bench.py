@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from api_client import HttpJobClient, JobClient, JobRequest, keys
+from api_client import HttpJobClient, JobClient, JobRequest
 from api_client.counters import Counters
 from api_client.quotas import Limits
 from worker.http.app import create_api
@@ -42,28 +40,16 @@ def _line(i: int, *, image: bool = False, tokens: int = 1) -> dict:
 
 
 def fairness(big: int, small: int, work: Path) -> dict:
-    from model_runtime.tiny import ensure_tiny
+    from benchmarks.api_bench import serving_worker
 
     redis_server = EmbeddedRedis(work / "redis")
-    cache = work / "models"
-    ensure_tiny(cache)
-    env = {**os.environ, "IVQ_REDIS_URL": redis_server.url, "IVQ_MODEL": "tiny", "IVQ_MODEL_CACHE_DIR": str(cache),
-           "IVQ_DATA_DIR": str(work / "data"), "IVQ_LOG_LEVEL": "WARNING", "IVQ_WORKER_ID": "bench-worker",
-           "IVQ_PROGRESS_INTERVAL_S": "0"}
-    worker = subprocess.Popen([sys.executable, "-m", "worker.cli", "worker"], env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
     a_key, b_key = new_key(), new_key()
     try:
-        r = JobClient(redis_server.url).redis
-        deadline = time.monotonic() + 180
-        while not r.hexists(keys.WORKERS, "bench-worker"):
-            if worker.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the worker did not start")
-            time.sleep(0.2)
         routes = BatchRoutes(open_store(f"file://{work / 'data' / 'store'}"), max_body_bytes=1 << 30)
         registry = TenantRegistry.for_keys({"a": a_key, "b": b_key}, ROOMY)
-        counters = Counters(r)
-        with serve_in_thread(create_api(redis_server.url, registry, batches=routes)) as base, \
+        counters = Counters(JobClient(redis_server.url).redis)
+        with serving_worker(redis_server.url, work, IVQ_PROGRESS_INTERVAL_S="0"), \
+                serve_in_thread(create_api(redis_server.url, registry, batches=routes)) as base, \
                 HttpJobClient(base, a_key, timeout=300) as a, HttpJobClient(base, b_key, timeout=300) as b:
             started = time.monotonic()
             big_id = a.submit_batch([_line(i) for i in range(big)])["batch_id"]
@@ -83,8 +69,6 @@ def fairness(big: int, small: int, work: Path) -> dict:
                 "a_done_when_b_done": a_done, "a_done_fraction": round(a_done / big, 4),
                 "b_done_s": round(b_seconds, 2), "a_done_s": round(a_seconds, 2)}
     finally:
-        worker.terminate()
-        worker.wait(timeout=90)
         redis_server.stop()
 
 

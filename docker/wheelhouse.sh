@@ -20,6 +20,6 @@ mkdir -p "$out"
 # moto[server]: the dev-only S3 image (Dockerfile.s3-dev). async-timeout: redis needs it
 # on Python < 3.11.3 (Debian bookworm's 3.11.2), which a newer host Python skips.
 "$PYTHON" -m pip wheel --quiet --wheel-dir "$out" -c constraints.txt ".[worker,api]" "moto[server,s3]" \
-  pip "setuptools>=68" wheel packaging "async-timeout>=4.0.3" "$@"
+  pip "setuptools>=77" wheel packaging "async-timeout>=4.0.3" "$@"
 rm -f "$out"/internvl_queue-*.whl  # the images build the project from the context, not from here
 du -sh "$out"

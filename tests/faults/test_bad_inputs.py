@@ -285,14 +285,14 @@ def api_cases(svc) -> list[tuple[str, str, str, str]]:
         "another tenant's job": ("GET", f"/v1/jobs/{other_job}", {}),
         "another tenant's job, cancel": ("POST", f"/v1/jobs/{other_job}/cancel", {}),
         "a job id with ../": ("GET", "/v1/jobs/..%2F..%2Fetc", {}),
-        "batch: empty file": ("POST", "/v1/batches", {"content": b"\n\n", "type": "application/jsonl"}),
-        "batch: one line not JSON": ("POST", "/v1/batches", {"content": b"{\n", "type": "application/jsonl"}),
-        "batch: input_url file:///etc/passwd": ("POST", "/v1/batches", {"json": {"input_url": "file:///etc/passwd"}}),
+        "batch: empty file": ("POST", "/v1/native/batches", {"content": b"\n\n", "type": "application/jsonl"}),
+        "batch: one line not JSON": ("POST", "/v1/native/batches", {"content": b"{\n", "type": "application/jsonl"}),
+        "batch: input_url file:///etc/passwd": ("POST", "/v1/native/batches", {"json": {"input_url": "file:///etc/passwd"}}),
     }
     for name, (response_format, code) in C.format_cases().items():  # 422 with the format's own code
         cases[f"response_format {name}"] = ("POST", "/v1/jobs", {"json": {**ok, "response_format": response_format}})
         expected_format = f"422 {code}"
-        cases[f"batch line: response_format {name}"] = ("POST", "/v1/batches", {"content": json.dumps(
+        cases[f"batch line: response_format {name}"] = ("POST", "/v1/native/batches", {"content": json.dumps(
             {"custom_id": "a", "request": {**ok, "response_format": response_format}}).encode() + b"\n",
             "type": "application/jsonl"})
         expected_formats[f"response_format {name}"] = expected_format

@@ -61,7 +61,8 @@ def test_three_bad_lines_refuse_the_file_and_create_nothing(api, redis_client):
     lines[77] = json.dumps(line(3))  # repeats custom_id c-3
     before = len(list(redis_client.scan_iter(keys.job_pattern())))
     with httpx.Client(base_url=api, headers={"Authorization": f"Bearer {ACME}"}) as http:
-        refused = http.post("/v1/batches", content="\n".join(lines), headers={"Content-Type": "application/jsonl"})
+        refused = http.post("/v1/native/batches", content="\n".join(lines),
+                            headers={"Content-Type": "application/jsonl"})
     assert refused.status_code == 422 and refused.json()["error"]["code"] == "invalid_request"
     assert [x["line"] for x in refused.json()["lines"]] == [10, 42, 78]
     assert len(list(redis_client.scan_iter(keys.job_pattern()))) == before
@@ -138,7 +139,7 @@ def test_results_before_the_batch_completes_are_a_conflict(api, redis_url, redis
     with HttpJobClient(api, ACME) as client, JobClient(redis_url) as direct:
         batch_id = client.submit_batch([long])["batch_id"]
         with httpx.Client(base_url=api, headers={"Authorization": f"Bearer {ACME}"}) as http:
-            early = http.get(f"/v1/batches/{batch_id}/results")
+            early = http.get(f"/v1/native/batches/{batch_id}/results")
         assert (early.status_code, early.json()["error"]["code"]) == (409, "conflict")
         [row] = redis_client.lrange(keys.BatchKeys.of(batch_id).jobs, 0, -1)
         direct.cancel(row.decode().split("\t")[1])  # the batch ends with its one job cancelled

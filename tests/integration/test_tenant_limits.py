@@ -60,7 +60,7 @@ def _http(base: str, tenant: str) -> httpx.Client:
 
 
 def _post_batch(http: httpx.Client, body: str) -> httpx.Response:
-    return http.post("/v1/batches", content=body, headers={"Content-Type": "application/jsonl"})
+    return http.post("/v1/native/batches", content=body, headers={"Content-Type": "application/jsonl"})
 
 
 def _snapshot(r) -> dict[str, object]:
@@ -216,14 +216,14 @@ def test_batch_status_costs_the_same_commands_for_10_and_10000_lines(api, redis_
     big = batches.create("status", check_lines(_lines(10_000).splitlines()), callback=None)
     costs = {}
     with _http(api, "status") as http:
-        http.get(f"/v1/batches/{small}")  # warm: the script cache, the connections
+        http.get(f"/v1/native/batches/{small}")  # warm: the script cache, the connections
         for name, batch_id in (("10", small), ("10000", big)):
             lines: list[str] = []
             stop = threading.Event()
             watcher = threading.Thread(target=_monitor, args=(redis_server.port, stop, lines))
             watcher.start()
             time.sleep(0.2)
-            status = http.get(f"/v1/batches/{batch_id}").json()
+            status = http.get(f"/v1/native/batches/{batch_id}").json()
             time.sleep(0.2)
             stop.set()
             watcher.join()

@@ -78,7 +78,7 @@ def cmd_api(args: argparse.Namespace) -> int:
         memory = redis_memory_bytes(probe, settings.api_redis_memory_bytes)
     defaults = default_limits(memory, settings.api_tenant_redis_share)
     app = create_api(settings.redis_url, TenantRegistry(settings.api_keys_file, defaults=defaults), batches=batches,
-                     redis_connections=settings.api_redis_connections)
+                     redis_connections=settings.api_redis_connections, served_model=settings.model)
     uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=False, proxy_headers=True)
     return 0
 

@@ -14,7 +14,10 @@ queued and running by kind, its batch backlog and holdings, its open streams, an
 the refusals by reason.
 
 Errors have one shape, `{"error": {"code", "message"}}`, with the stable
-`ErrorCode`s (README, "Error codes") and the HTTP status below.
+`ErrorCode`s (README, "Error codes") and the HTTP status below. The OpenAI-compatible
+routes (/v1/chat/completions, /v1/models, /v1/files, /v1/batches: openai_*.py) answer
+OpenAI's shape instead, `{"error": {"message", "type", "param", "code"}}`, the same code
+in `code`. The native batch routes are /v1/native/batches (batch_routes.py).
 """
 
 from __future__ import annotations
@@ -49,8 +52,10 @@ from api_client.lanes import Lanes
 from api_client.schema import MAX_REQUEST_BYTES, ErrorCode, JobRequest, JobResult, JobStatus
 from worker.http.batch_routes import BatchRoutes
 from worker.http.events import KEEPALIVE_S, Fanout, event_stream
+from worker.http import openai_wire
+from worker.http.openai_chat import ChatRoutes
 from worker.http.tenants import Tenant, TenantRegistry
-from worker.http.wire import ERRORS_DOC, MalformedBody, error_response, read_capped
+from worker.http.wire import ERRORS_DOC, BodyTooLarge, MalformedBody, error_response, read_capped
 
 Auth = Annotated[str | None, Header(alias="Authorization", include_in_schema=False)]
 
@@ -90,9 +95,11 @@ class ApiMetrics:
 
 
 def create_api(redis_url: str, tenants: TenantRegistry, *, batches: BatchRoutes | None = None,
-               redis_connections: int = 16) -> FastAPI:
-    """The ASGI app. `batches` (worker/http/batch_routes.py, it needs the object store) adds /v1/batches.
-    `redis_connections` bounds the event streams' pool (one more is the shared pub/sub)."""
+               redis_connections: int = 16, served_model: str = "tiny") -> FastAPI:
+    """The ASGI app. `batches` (worker/http/batch_routes.py, it needs the object store) adds the batch
+    routes, native and OpenAI's, and /v1/files; with it, chat completions take data: URLs (stored there).
+    `redis_connections` bounds the event streams' pool (one more is the shared pub/sub).
+    `served_model` is the model the workers serve (IVQ_MODEL): the OpenAI routes' `model`."""
     client = JobClient(redis_url)
     pool = aioredis.BlockingConnectionPool.from_url(redis_url, max_connections=redis_connections, timeout=30,
                                                     socket_connect_timeout=5)
@@ -101,15 +108,24 @@ def create_api(redis_url: str, tenants: TenantRegistry, *, batches: BatchRoutes 
     metrics = ApiMetrics()
     app = FastAPI(title="internvl-queue", version="1",
                   description="Queued InternVL jobs over images and videos in object storage.\n\n"
-                              "Errors are `{\"error\": {\"code\", \"message\"}}`:\n\n" + ERRORS_DOC)
+                              "Errors are `{\"error\": {\"code\", \"message\"}}`:\n\n" + ERRORS_DOC +
+                              "\n\nThe OpenAI-compatible routes (tag `openai`: /v1/chat/completions, /v1/models, "
+                              "/v1/files, /v1/batches) answer OpenAI's `{\"error\": {\"message\", \"type\", "
+                              "\"param\", \"code\"}}`, the same codes in `code`.")
     app.state.client, app.state.tenants = client, tenants
     _document_job_request(app)
+
+    def respond(request: Request, exc: ServiceError) -> JSONResponse:
+        if not openai_wire.is_openai_path(request.url.path):
+            return error_response(exc)
+        status = 413 if isinstance(exc, BodyTooLarge) else 400 if isinstance(exc, MalformedBody) else None
+        return openai_wire.error_response(exc, status=status)
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
         if isinstance(exc, (RateLimited, QuotaExceeded)):
             _count_refusal(request, exc)
-        return error_response(exc)
+        return respond(request, exc)
 
     def _count_refusal(request: Request, exc: ServiceError) -> None:
         try:
@@ -117,25 +133,31 @@ def create_api(redis_url: str, tenants: TenantRegistry, *, batches: BatchRoutes 
         except ServiceError:
             return
         path = request.url.path
-        kind = "stream" if path.endswith("/events") else "batch" if path.startswith("/v1/batches") else "job"
+        kind = "stream" if path.endswith("/events") else \
+            "batch" if path.startswith(("/v1/batches", "/v1/native/batches", "/v1/files")) else "job"
         metrics.refusals.labels(tenant=name, kind=kind, reason=exc.code.value).inc()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         # The router's own refusals (no such route, wrong method) in the one error shape.
         code = ErrorCode.not_found if exc.status_code == 404 else ErrorCode.invalid_request
+        if openai_wire.is_openai_path(request.url.path):
+            return JSONResponse(openai_wire.error_body(str(exc.detail), exc.status_code, code.value), exc.status_code)
         return JSONResponse({"error": {"code": code.value, "message": str(exc.detail)}}, exc.status_code)
 
     @app.exception_handler(RequestValidationError)
     async def _bad_parameters(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid"}
         where = ".".join(str(p) for p in first.get("loc", ()))
+        if openai_wire.is_openai_path(request.url.path):
+            param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+            return openai_wire.error_response(openai_wire.OpenAIError(f"{where}: {first.get('msg')}", param=param))
         return error_response(RequestRejected(f"{where}: {first.get('msg')}"))
 
     @app.exception_handler(redis.RedisError)
     async def _redis_down(request: Request, exc: redis.RedisError) -> JSONResponse:
-        return error_response(ServiceError(f"Redis unreachable: {type(exc).__name__}",
-                                           code=ErrorCode.broker_unavailable))
+        return respond(request, ServiceError(f"Redis unreachable: {type(exc).__name__}",
+                                             code=ErrorCode.broker_unavailable))
 
     @app.middleware("http")
     async def _count(request: Request, call_next: Any) -> Response:
@@ -144,6 +166,7 @@ def create_api(redis_url: str, tenants: TenantRegistry, *, batches: BatchRoutes 
         route = getattr(request.scope.get("route"), "path", "other")
         metrics.requests.labels(route=route, status=str(response.status_code)).inc()
         metrics.latency.labels(route=route).observe(time.perf_counter() - started)
+        response.headers["x-request-id"] = request.headers.get("x-request-id") or "req_" + uuid.uuid4().hex
         return response
 
     def tenant_of(authorization: str | None) -> Tenant:
@@ -246,8 +269,12 @@ def create_api(redis_url: str, tenants: TenantRegistry, *, batches: BatchRoutes 
             pass  # the request metrics still answer; the tenant gauges keep their last values
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    chat = ChatRoutes(client, aio, fanout, tenant_of, served_model=served_model,
+                      store=batches.store if batches is not None else None)
+    chat.mount(app)
     if batches is not None:
         batches.mount(app, client, tenant_of)
+        batches.mount_openai(app, client, tenant_of, chat)
     app.router.on_shutdown.append(client.close)
     app.router.on_shutdown.append(fanout.aclose)
     app.router.on_shutdown.append(aio.aclose)

@@ -1,9 +1,12 @@
 """The HTTP API's batch routes (worker/http/batch_store.py holds what they do).
 
-    POST /v1/batches              a JSONL body (?partial=true&callback_url=...), or
-                                  {"input_url": "s3://.../requests.jsonl", "partial": .., "callback": {..}}
-    GET  /v1/batches/{id}         counts by state; results_url once completed
-    GET  /v1/batches/{id}/results the results JSONL (409 until completed)
+    POST /v1/native/batches              a JSONL body (?partial=true&callback_url=...), or
+                                         {"input_url": "s3://.../requests.jsonl", "partial": .., "callback": {..}}
+    GET  /v1/native/batches/{id}         counts by state; results_url once completed
+    GET  /v1/native/batches/{id}/results the results JSONL (409 until completed)
+
+OpenAI's Files and Batches (/v1/files, /v1/batches: openai_files.py, openai_batches.py) run on
+the same engine; `mount_openai` adds them.
 
 A refused file answers 422 with `{"error": {...}, "lines": [{"line", "custom_id",
 "message"}, ...]}` and creates nothing. A file over the tenant's batch quotas or rate
@@ -28,6 +31,9 @@ from api_client.client import JobClient
 from api_client.errors import Conflict, RequestRejected
 from api_client.schema import CallbackSpec
 from worker.http.batch_store import Batches, Checked, check_lines
+from worker.http.openai_batches import OpenAIBatches, mount_batches
+from worker.http.openai_chat import ChatRoutes
+from worker.http.openai_files import Files, mount_files
 from worker.http.wire import BodyTooLarge, read_capped
 from worker.io.media_fetch import parse_s3_url
 from worker.io.results_store import ObjectStore
@@ -65,7 +71,7 @@ class BatchRoutes:
     def mount(self, app: FastAPI, client: JobClient, tenant_of: Callable[[str | None], Any]) -> None:
         batches = Batches(client.redis, client)
 
-        @app.post("/v1/batches", status_code=202, summary="Submit a JSONL file of requests (a batch)")
+        @app.post("/v1/native/batches", status_code=202, summary="Submit a JSONL file of requests (a batch)")
         async def submit(request: Request, partial: bool = False, callback_url: str | None = None) -> JSONResponse:
             tenant = tenant_of(request.headers.get("authorization"))
             callback = CallbackSpec(url=callback_url) if callback_url else None
@@ -103,12 +109,12 @@ class BatchRoutes:
                 checked.spool.close()
             return JSONResponse({"batch_id": batch_id, "accepted": checked.accepted, "rejected": checked.bad}, 202)
 
-        @app.get("/v1/batches/{batch_id}", summary="A batch's progress: jobs by state")
+        @app.get("/v1/native/batches/{batch_id}", summary="A batch's progress: jobs by state")
         def status(batch_id: str, request: Request) -> dict[str, Any]:
             tenant = tenant_of(request.headers.get("authorization"))
             return batches.status(batch_id, tenant.name)
 
-        @app.get("/v1/batches/{batch_id}/results", summary="A completed batch's results (JSONL, input order)")
+        @app.get("/v1/native/batches/{batch_id}/results", summary="A completed batch's results (JSONL, input order)")
         def results(batch_id: str, request: Request) -> StreamingResponse:
             tenant = tenant_of(request.headers.get("authorization"))
             rec = batches.record(batch_id, tenant.name)
@@ -116,3 +122,10 @@ class BatchRoutes:
                 raise Conflict(f"batch {batch_id} is {rec['state']}: no results yet")
             return StreamingResponse(self.store.iter_lines(f"batches/{batch_id}/results.jsonl"),
                                      media_type="application/jsonl")
+
+    def mount_openai(self, app: FastAPI, client: JobClient, tenant_of: Callable[[str | None], Any],
+                     chat: ChatRoutes) -> None:
+        """OpenAI's /v1/files and /v1/batches, on the same batch engine and store."""
+        files = Files(client.redis, self.store)
+        mount_files(app, files, tenant_of, max_bytes=self.max_body_bytes)
+        mount_batches(app, OpenAIBatches(client, Batches(client.redis, client), files, chat), tenant_of)

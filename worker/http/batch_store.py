@@ -11,7 +11,7 @@ workers in turns with other tenants' (api_client/lanes.py). Their counts by stat
 come from counters the job transitions keep (api_client/counters.py): a status
 call and the finisher's check cost the same for 10 lines and 50,000. When all
 have ended, a worker's sweeper writes `batches/{id}/results.jsonl` to the store
-(input order: custom_id, job_id, state, output or error, usage) and sends the
+(input order: custom_id, job_id, state, output or error, usage, finish_reason) and sends the
 batch's one completion callback.
 """
 
@@ -226,6 +226,7 @@ class Batches:
                     "output": done["output_text"] if done else None,
                     "error": {"code": code or "expired", "message": message} if state != "succeeded" else None,
                     "usage": done["usage"] if done else None,
+                    "finish_reason": done["finish_reason"] if done else None,
                     **({"output_json": done.get("output_json"), "output_complete": done["output_complete"]}
                        if done and done.get("output_complete") is not None else {}),  # a response_format's
                 }, ensure_ascii=False, separators=(",", ":")) + "\n")

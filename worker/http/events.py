@@ -133,7 +133,17 @@ async def event_stream(r: aioredis.Redis, fanout: Fanout, job_id: str, last_even
 
 async def _frames(r: aioredis.Redis, wake: asyncio.Event, job_id: str, last_event_id: str | None,
                   renew: Callable[[], Awaitable[None]] | None) -> AsyncIterator[str]:
-    states, chars = parse_last_event_id(last_event_id)
+    seen_states, seen_chars = parse_last_event_id(last_event_id)
+    async for kind, data, states, chars in job_updates(r, wake, job_id, seen_states, seen_chars, renew):
+        yield ": keepalive\n\n" if kind == "keepalive" else _frame(kind, data, states, chars)
+
+
+async def job_updates(r: aioredis.Redis, wake: asyncio.Event, job_id: str, states: int = 0, chars: int = 0,
+                      renew: Callable[[], Awaitable[None]] | None = None,
+                      ) -> AsyncIterator[tuple[str, dict, int, int]]:
+    """(kind, data, state events sent, characters sent) until the job's terminal state event:
+    kind "delta" ({"text"}), "state" (the event) or "keepalive" (every KEEPALIVE_S of silence).
+    `wake` is the job channel's (Fanout.watch). Also the OpenAI routes' streams (openai_chat.py)."""
     record, events_key = keys.job(job_id), keys.events(job_id)
     loop = asyncio.get_running_loop()
     renewed = loop.time()
@@ -146,21 +156,21 @@ async def _frames(r: aioredis.Redis, wake: asyncio.Event, job_id: str, last_even
                 result = await r.hget(record, "result")
                 text = json.loads(result)["output_text"] if result else ""
                 if len(text) > chars:
-                    yield _frame("delta", {"text": text[chars:]}, states, len(text))
+                    yield "delta", {"text": text[chars:]}, states, len(text)
                     chars = len(text)
             states += 1
-            yield _frame("state", event, states, chars)
+            yield "state", event, states, chars
             if state.terminal:
                 return
         progress = await r.hget(record, "progress_text")
         text = progress.decode() if isinstance(progress, bytes) else (progress or "")
         if len(text) > chars:
-            yield _frame("delta", {"text": text[chars:]}, states, len(text))
+            yield "delta", {"text": text[chars:]}, states, len(text)
             chars = len(text)
         try:
             await asyncio.wait_for(wake.wait(), KEEPALIVE_S)
         except TimeoutError:
-            yield ": keepalive\n\n"
+            yield "keepalive", {}, states, chars
         if renew is not None and loop.time() - renewed >= KEEPALIVE_S:
             await renew()
             renewed = loop.time()
