@@ -52,7 +52,8 @@ def replicas_asked(spec: dict, client, in_flight: int = 0) -> tuple[int, int]:
     total = sum(values[n] for n in names)
     if total <= float(mods["activationTarget"]):
         return total, spec["minReplicaCount"]
-    return total, min(spec["maxReplicaCount"], max(1, spec["minReplicaCount"], math.ceil(total / float(mods["target"]))))
+    wanted = math.ceil(total / float(mods["target"]))
+    return total, min(spec["maxReplicaCount"], max(1, spec["minReplicaCount"], wanted))
 
 
 def on_broker_lists(spec: dict) -> dict:

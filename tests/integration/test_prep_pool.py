@@ -2,7 +2,10 @@
 
 Same inputs as on the task thread; one bad file fails its own job; a process
 killed mid-job fails that job with `preprocess_crashed` and is replaced; one
-that overruns the deadline is killed and the job times out.
+that overruns the deadline is killed and the job times out. Shutdown is the
+parent's: the processes run in their own process group and ignore SIGTERM and
+SIGINT; once the worker drains, a job not yet in a process, or in one that dies,
+goes back (`Draining`), and nothing is replaced; a process whose parent died exits.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch
 
 from api_client.schema import ErrorCode, JobRequest
 from model_runtime.samples import make_sample_image
-from worker.jobs.errors import JobFailed
+from worker.jobs.errors import Draining, JobFailed
 from worker.jobs.inputs import InputEnv, prepare_inputs
 from worker.jobs.prep_pool import PreprocessCrashed, PrepPool
 from worker.io.media_fetch import MediaFetcher
@@ -110,3 +113,98 @@ def test_a_process_that_overruns_the_deadline_is_killed_and_the_job_times_out(po
         _prepare(pool, "job-slow", _request(media, "HANG", image=None), timeout=1.0)
     assert _prepare(pool, "job-after-timeout", _request(media, "after")).prompt_tokens > 0
     assert hung not in pool.pids
+
+
+def test_processes_leave_shutdown_to_their_parent(pool, media) -> None:
+    [child] = pool.pids
+    assert os.getpgid(child) == child != os.getpgid(0)  # a group of its own: a signal to ours misses it
+    os.kill(child, signal.SIGTERM)  # and sent to it directly (a cgroup-wide stop), it is ignored
+    os.kill(child, signal.SIGINT)
+    time.sleep(0.5)
+    assert pool.pids == [child] and _prepare(pool, "job-after-signals", _request(media, "still here")).prompt_tokens
+
+
+def _pool(tiny_model_dir, media) -> PrepPool:
+    settings = Settings(redis_url="redis://unused", allowed_file_root=media, data_dir=media)
+    pool = PrepPool(settings, model_path=str(tiny_model_dir), cache_dir=None, size=1, command=HANGING_CHILD).start()
+    return pool.wait_ready(context_length=4096)
+
+
+def test_during_a_drain_a_job_whose_process_dies_goes_back_and_nothing_is_replaced(tiny_model_dir, media) -> None:
+    import threading
+
+    pool = _pool(tiny_model_dir, media)
+    try:
+        [victim] = pool.pids
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                _prepare(pool, "job-hang", _request(media, "HANG", image=None))
+            except BaseException as exc:  # noqa: BLE001 - the test reads it
+                errors.append(exc)
+
+        t = threading.Thread(target=run)
+        t.start()
+        time.sleep(1.0)  # the job is in the child, which hangs on it
+        pool.begin_drain()
+        os.kill(victim, signal.SIGKILL)
+        t.join(30)
+        assert len(errors) == 1 and isinstance(errors[0], Draining), errors  # handed back, not failed
+        with pytest.raises(Draining):  # a job that had not reached a process goes back too
+            _prepare(pool, "job-late", _request(media, "late"))
+        time.sleep(1.0)
+        assert pool.pids == []  # no replacement for a worker that is going away
+    finally:
+        pool.stop()
+
+
+def test_a_process_whose_worker_died_exits(tiny_model_dir, media, tmp_path) -> None:
+    """The worker is SIGKILLed while its process hangs on a job: the process sees its parent go."""
+    import subprocess
+
+    script = tmp_path / "owner.py"
+    script.write_text(f"""
+import sys, time
+from pathlib import Path
+from api_client.schema import JobRequest
+from worker.jobs.prep_pool import PrepPool
+from worker.settings import Settings
+media = Path({str(media)!r})
+settings = Settings(redis_url="redis://unused", allowed_file_root=media, data_dir=media)
+pool = PrepPool(settings, model_path={str(tiny_model_dir)!r}, cache_dir=None, size=1,
+                command={HANGING_CHILD!r}).start().wait_ready(context_length=4096)
+print(pool.pids[0], flush=True)
+request = JobRequest.simple("HANG")
+pool.prepare("job-hang", request.model_dump_json(), request, deadline=time.monotonic() + 600)
+""")
+    owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, cwd=Path(__file__).resolve().parents[2])
+    child = 0
+    try:
+        for line in owner.stdout:  # after its log lines, the pid of its process
+            if line.strip().isdigit():
+                child = int(line)
+                break
+        assert child, owner.stderr.read()[-3000:]
+        time.sleep(1.0)  # the job is in the child, which hangs on it
+        owner.kill()
+        owner.wait(10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _alive(child):
+            time.sleep(0.1)
+        assert not _alive(child), "the process outlived its worker"
+    finally:
+        owner.kill()
+        if child and _alive(child):
+            os.kill(child, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    import psutil
+
+    return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE

@@ -32,6 +32,7 @@ import math
 import sys
 from collections import deque
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -235,7 +236,7 @@ def simulate(p: Params, arrival_times: np.ndarray, *, batch: np.ndarray | None =
 def sweep(base: Params, pattern: str, *, quick: bool, seed: int) -> list[dict]:
     """One knob at a time around `base`: target, activation threshold, cooldown."""
     times = arrivals(pattern, quick=quick, seed=seed)
-    knobs = {
+    knobs: dict[str, list[Any]] = {
         "target": [8, 16, 32, 64],
         "activation": [0, 5, 50],
         "cooldown_s": [60, 300, 900],
