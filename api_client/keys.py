@@ -33,7 +33,7 @@ NOTIFY_TASK = "ivq.notify"  # (job_id, event): build the callback one event owes
 CALLBACK_TASK = "ivq.deliver_callback"  # (delivery): one more delivery attempt
 
 # Redis broker priorities: kombu keeps one list per step, named
-# "infer", "infer:3", "infer:6", "infer:9"; KEDA must count all of them.
+# "infer", "infer:3", "infer:6", "infer:9" (KEDA counts `WAITING`, which holds every queued job).
 PRIORITY_STEPS = [0, 3, 6, 9]
 PRIORITY_SEP = ":"
 
@@ -48,7 +48,7 @@ def broker_transport_options(visibility_timeout_s: int = 3600) -> dict:
 
 
 def infer_queue_lists() -> list[str]:
-    """The Redis lists that hold pending inference messages (for autoscaling)."""
+    """The Redis lists that hold pending inference messages (kombu's; KEDA reads `WAITING` instead)."""
     return [INFER_QUEUE] + [f"{INFER_QUEUE}{PRIORITY_SEP}{p}" for p in PRIORITY_STEPS[1:]]
 
 
