@@ -12,10 +12,11 @@ A child that dies while it holds a job fails that job alone, with the stable
 code `preprocess_crashed`, and is replaced in the background; one that overruns
 the job's deadline is killed and replaced the same way and the job times out.
 Either way the job ends through the pipeline's one error path, so it is never
-lost or run twice; while the worker drains, the pipeline hands such a job back
-instead (worker/jobs/pipeline.py), and a job that finds the pool stopped is
-handed back too (`Draining`). `IVQ_PREPROCESS_WORKERS=0` prepares on the task
-threads instead.
+lost or run twice. Once the worker drains (`begin_drain`), a job whose child
+dies, or that has not reached a child yet, is handed back instead (`Draining`:
+the engine admits nothing more anyway), and no child is replaced; the pipeline
+also hands back a `preprocess_crashed` job that ends during a drain.
+`IVQ_PREPROCESS_WORKERS=0` prepares on the task threads instead.
 
 Shutdown is the parent's: a child runs in its own process group, so a signal
 sent to the worker's group (systemd, supervisors, a terminal's Ctrl-C) does not
