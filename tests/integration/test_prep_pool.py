@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -42,9 +43,7 @@ def media(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def pool(tiny_model_dir, media):
-    settings = Settings(redis_url="redis://unused", allowed_file_root=media, data_dir=media)
-    pool = PrepPool(settings, model_path=str(tiny_model_dir), cache_dir=None, size=1, command=HANGING_CHILD).start()
-    pool.wait_ready(context_length=4096)
+    pool = _pool(tiny_model_dir, media)
     yield pool
     pool.stop()
 
@@ -82,10 +81,8 @@ def test_one_bad_file_fails_its_own_job_with_its_code(pool, media) -> None:
     assert _prepare(pool, "job-next", _request(media, "fine")).image_tiles >= 1  # the same process goes on
 
 
-def test_a_process_killed_mid_job_fails_that_job_only_and_is_replaced(pool, media) -> None:
-    import threading
-
-    [victim] = pool.pids
+def _hang_in_thread(pool: PrepPool, media: Path) -> tuple[threading.Thread, list[BaseException]]:
+    """A job its process hangs on, prepared on a thread; returns once the process holds it."""
     errors: list[BaseException] = []
 
     def run() -> None:
@@ -97,6 +94,12 @@ def test_a_process_killed_mid_job_fails_that_job_only_and_is_replaced(pool, medi
     t = threading.Thread(target=run)
     t.start()
     time.sleep(1.0)  # the job is in the child, which hangs on it
+    return t, errors
+
+
+def test_a_process_killed_mid_job_fails_that_job_only_and_is_replaced(pool, media) -> None:
+    [victim] = pool.pids
+    t, errors = _hang_in_thread(pool, media)
     os.kill(victim, signal.SIGKILL)
     t.join(30)
     assert len(errors) == 1 and isinstance(errors[0], PreprocessCrashed), errors
@@ -131,22 +134,10 @@ def _pool(tiny_model_dir, media) -> PrepPool:
 
 
 def test_during_a_drain_a_job_whose_process_dies_goes_back_and_nothing_is_replaced(tiny_model_dir, media) -> None:
-    import threading
-
     pool = _pool(tiny_model_dir, media)
     try:
         [victim] = pool.pids
-        errors: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                _prepare(pool, "job-hang", _request(media, "HANG", image=None))
-            except BaseException as exc:  # noqa: BLE001 - the test reads it
-                errors.append(exc)
-
-        t = threading.Thread(target=run)
-        t.start()
-        time.sleep(1.0)  # the job is in the child, which hangs on it
+        t, errors = _hang_in_thread(pool, media)
         pool.begin_drain()
         os.kill(victim, signal.SIGKILL)
         t.join(30)
