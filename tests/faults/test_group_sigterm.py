@@ -5,10 +5,13 @@ their own, so the signal misses them, and the worker drains as it does on a plai
 SIGTERM. Before, the children got the same SIGTERM and died, one holding a job in 2 of
 5 runs: that job failed with `preprocess_crashed` and the exit took 8-10 s, not 2-3 s.
 
-Each round: a worker runs one-tile jobs (and in round 1 some 12-tile ones), the group gets SIGTERM mid-run, and the next
-round's worker (then a last one) runs what was handed back. In one round the children
-are also SIGKILLed right after the SIGTERM (what a cgroup-wide stop or the OOM killer
-does mid-drain): a job a dying child held is handed back, not failed. No job may fail.
+Each round: a worker runs one-tile jobs, its group gets SIGTERM mid-run, and the next
+round's worker (then a last one) runs what was handed back. In the second round some
+jobs have 12 tiles (long preprocessing), and the children are also SIGKILLed right
+after the SIGTERM while one prepares a job (what a cgroup-wide stop or the OOM killer
+does mid-drain): the jobs they held are handed back, not failed. No job may fail. The
+first check, that no child shares the worker's process group, holds every time; the
+failure it prevents showed in 2 of 5 runs, so each round repeats what one run did.
 """
 
 from __future__ import annotations
@@ -23,10 +26,10 @@ from api_client import JobRequest
 from model_runtime.samples import make_sample_image
 from tests.faults.common import record, wait_all
 
-ROUNDS = 3
-JOBS = 60
+ROUNDS = 2
+JOBS = 40
 DRAIN_TIMEOUT_S = 10
-EXIT_LIMIT_S = 6.0  # a drain of one-tile jobs: 2-3 s measured; the children's death made it 8-10 s
+EXIT_LIMIT_S = 7.5  # a drain of one-tile jobs: 2-4 s measured here under load; the children's death made it 8-10 s
 
 
 def _mid_run(client, ids: list[str], timeout: float = 90) -> None:
@@ -68,7 +71,7 @@ def test_sigterm_to_the_process_group_fails_no_job(redis_srv, client, spawn, tmp
         assert all(os.getpgid(c.pid) != worker.pid for c in children), "a child in the worker's process group"
         # Round 1 kills the children mid-drain: some jobs there take long to prepare, so one is in hand.
         ids = client.submit_many(JobRequest.simple(f"round {rnd} job {i}", images=[urls[i % 3 if rnd == 1 else 0]],
-                                                   generation={"max_new_tokens": 24}) for i in range(JOBS))
+                                                   generation={"max_new_tokens": 16}) for i in range(JOBS))
         all_ids += ids
         _mid_run(client, ids)
         if rnd == 1:
