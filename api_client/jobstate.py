@@ -94,12 +94,21 @@ class JobStore:
         self.lease_s = lease_s
         self.max_crashes = max_crashes
         self.scripts = {name: client.register_script(source) for name, source in SCRIPTS.items()}
+        self.clustered = isinstance(client, redis.RedisCluster)  # the waiting set: one share per shard there
 
     def run(self, name: str, job_id: str, *args: Any, extra_keys: tuple[str, ...] = (), pipe: Any = None) -> Any:
-        """Run one named transition on one job; its KEYS are the job's (see keys.JobKeys).
+        """Run one named transition on one job; its KEYS are the job's (see keys.JobKeys), then the
+        waiting set (keys.waiting_key), then `extra_keys`.
         With `pipe`, it is queued on that pipeline and its reply comes from `pipe.execute()`."""
-        return self.scripts[name](keys=keys.JobKeys.of(job_id).as_list() + list(extra_keys), args=[job_id, *args],
-                                  client=pipe)
+        given = [*keys.JobKeys.of(job_id).as_list(), keys.waiting_key(job_id, self.clustered), *extra_keys]
+        return self.scripts[name](keys=given, args=[job_id, *args], client=pipe)
+
+    def waiting(self) -> int:
+        """Jobs that wait (queued, wherever they wait): the scaling signal KEDA reads."""
+        pipe = self.redis.pipeline(transaction=False)
+        for key in keys.waiting_keys(self.clustered):
+            pipe.zcard(key)
+        return sum(pipe.execute())
 
     # ---- the producer's transitions ----------------------------------------
     def new_job_id(self, idempotency_key: str | None, tenant: str = keys.INTERNAL_TENANT) -> str:

@@ -8,7 +8,9 @@ so do the indexes its transitions update (leases, queued, deadlines, owed
 callbacks). Every script therefore touches one slot, which is what Redis
 Cluster and Redis proxies require, and the SHARDS tags spread the job state
 over up to SHARDS slots (and so nodes). A job's shard is fixed by its id.
-Changing SHARDS moves every key: do it on an empty Redis only.
+Changing SHARDS moves every key: do it on an empty Redis only. One exception:
+the scaling signal `WAITING` is one key for the whole service (what KEDA reads);
+on a Redis Cluster each shard keeps its own share instead (`waiting_key`).
 
 The Celery broker lists (`infer`, `infer:3`, ...) are kombu's, not ours: kombu's
 Redis transport does not run on Redis Cluster, so the broker stays a plain Redis.
@@ -31,7 +33,7 @@ NOTIFY_TASK = "ivq.notify"  # (job_id, event): build the callback one event owes
 CALLBACK_TASK = "ivq.deliver_callback"  # (delivery): one more delivery attempt
 
 # Redis broker priorities: kombu keeps one list per step, named
-# "infer", "infer:3", "infer:6", "infer:9"; KEDA must count all of them.
+# "infer", "infer:3", "infer:6", "infer:9" (KEDA counts `WAITING`, which holds every queued job).
 PRIORITY_STEPS = [0, 3, 6, 9]
 PRIORITY_SEP = ":"
 
@@ -46,7 +48,7 @@ def broker_transport_options(visibility_timeout_s: int = 3600) -> dict:
 
 
 def infer_queue_lists() -> list[str]:
-    """The Redis lists that hold pending inference messages (for autoscaling)."""
+    """The Redis lists that hold pending inference messages (kombu's; KEDA reads `WAITING` instead)."""
     return [INFER_QUEUE] + [f"{INFER_QUEUE}{PRIORITY_SEP}{p}" for p in PRIORITY_STEPS[1:]]
 
 
@@ -199,6 +201,26 @@ class BatchKeys:
 
 OPEN_BATCHES = f"{PREFIX}:batches:open"  # sorted set: batch_id -> created, until its results are written
 BATCH_TENANTS = f"{PREFIX}:batches:tenants"  # sorted set: tenant -> last backlog push; the releaser's round
+
+# The scaling signal: every job that waits, whatever holds it (an interactive job's broker
+# message, a tenant's batch backlog, a released lane, a worker's prefetch). A sorted set,
+# job_id -> when it was (re)queued; the job scripts (lua/common.lua) add a job when it
+# becomes `queued` and remove it when it leaves, in the same script as the change, so
+# ZCARD is exact, and running a script twice changes nothing (ZADD/ZREM of one member).
+# KEDA's redis scalers read it: their length script takes ZCARD of a sorted set.
+WAITING = f"{PREFIX}:waiting"
+
+
+def waiting_key(job_id: str, clustered: bool = False) -> str:
+    """The waiting set a job's scripts update: `WAITING`, or on a Redis Cluster (where a script
+    may touch its job's slot only) its shard's share, `{ivq:<n>}:waiting`."""
+    return f"{_tag(shard_of(job_id))}:waiting" if clustered else WAITING
+
+
+def waiting_keys(clustered: bool = False) -> list[str]:
+    """Every key whose ZCARDs add up to the jobs that wait."""
+    return [f"{_tag(n)}:waiting" for n in range(SHARDS)] if clustered else [WAITING]
+
 
 # Keys outside the job state machine (one each; no script spans them and a job's keys).
 DEAD_CALLBACKS = f"{PREFIX}:callbacks:dead"  # list of dead callback deliveries (JSON)

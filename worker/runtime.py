@@ -153,6 +153,8 @@ class WorkerRuntime:
         self._draining.set()
         self.health.mark_draining()
         log.info("worker.draining", drain_timeout_s=self.settings.drain_timeout_s)
+        if self.prep is not None:
+            self.prep.begin_drain()
         if self.model_thread is not None:
             # Admitted requests finish; the rest fail with BatcherClosed, which the
             # pipeline classifies as "hand back without counting an attempt".

@@ -20,6 +20,7 @@ local attempts = tonumber(st[4] or '0') + 1
 redis.call('HSET', KEYS[1], 'attempts', attempts, 'state', 'running', 'worker_id', ARGV[2], 'claim', ARGV[3],
            'started_at', ARGV[4], 'lease_until', ARGV[5])
 redis.call('ZREM', KEYS[5], ARGV[1])
+redis.call('ZREM', KEYS[9], ARGV[1])
 if has_deadline then redis.call('ZREM', KEYS[6], ARGV[1]) end  -- only a job with a deadline is in that index
 index(4, ARGV[5])
 local owed = emit('running', ARGV[4], {attempt = attempts, worker_id = ARGV[2]}, st[5])

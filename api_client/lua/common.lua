@@ -1,10 +1,13 @@
 -- Shared by every script of api_client/jobstate.py (prepended to each).
 -- KEYS, for every job script: 1 record, 2 events, 3 channel, 4 leases, 5 queued,
--- 6 deadlines, 7 notify, 8 counts (create adds 9 idempotency). ARGV[1] is always the job id.
+-- 6 deadlines, 7 notify, 8 counts, 9 waiting (keys.waiting_key; create adds 10 idempotency).
+-- ARGV[1] is always the job id.
 -- EVENTS_TTL and JOB_TTL are set from api_client/keys.py before this runs.
 -- Round trips are the worker's main Redis cost, so each helper issues as few commands as it can:
 -- a caller that already read the record's `request` passes it to emit, and one HSET writes a
 -- transition's fields. The shard indexes (4-6) carry no TTL: transitions and the sweeper empty them.
+-- KEYS[9] holds every queued job (the scaling signal): `index(9, ...)` where a job becomes queued,
+-- ZREM where it leaves that state (claim, and `unindex` as it ends).
 
 -- Append the event, publish it, and record the callback it owes (if its request asked for it).
 -- `request`: the record's request JSON if the caller has it (else it is read here).
@@ -30,7 +33,7 @@ local function emit(state, now, extra, request, unheard)
   end
   return ''
 end
-local function unindex() for n = 4, 6 do redis.call('ZREM', KEYS[n], ARGV[1]) end end
+local function unindex() for _, n in ipairs({4, 5, 6, 9}) do redis.call('ZREM', KEYS[n], ARGV[1]) end end
 local function index(n, score)  -- add this job to the shard index KEYS[n]
   redis.call('ZADD', KEYS[n], score, ARGV[1])
 end
@@ -75,6 +78,7 @@ local function to_queue(now, reason)
   redis.call('HDEL', KEYS[1], 'claim', 'lease_until')
   redis.call('ZREM', KEYS[4], ARGV[1])
   index(5, now)
+  index(9, now)
   local deadline = redis.call('HGET', KEYS[1], 'deadline')
   if deadline and deadline ~= '' then index(6, deadline) end
   emit('queued', now, {retry_of = reason})

@@ -11,7 +11,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 KUSTOMIZE_ROOT = REPO / "deploy" / "kubernetes"
-OVERLAYS = ("cpu-tiny", "gpu")
+OVERLAYS = ("cpu-tiny", "gpu", "gpu-sentinel")
 
 
 def _kubectl() -> str:

@@ -73,7 +73,7 @@ def test_minimum_replicas_keep_pods_through_idle(sim, burst):
 def test_main_json_is_one_object_with_sweep(sim, capsys):
     assert sim.main(["--quick", "--json", "--no-plot"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert set(out["patterns"]) == {"steady", "burst", "diurnal"}
+    assert set(out["patterns"]) == {"steady", "burst", "diurnal", "batch", "batch (lists)"}
     assert {row["knob"] for row in out["sweep"]} == {"target", "activation", "cooldown_s"}
     assert out["provenance"]["throughput"] == "ASSUMED placeholder"
     assert out["plot"] is None
@@ -90,3 +90,34 @@ def test_cli_verb_runs_from_anywhere_and_writes_the_plot_in_the_current_director
     assert proc.returncode == 0, proc.stderr
     assert "burst" in proc.stdout and "throughput: given" in proc.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_50000_line_batch_asks_for_max_replicas_on_the_waiting_set_and_one_pod_on_the_lists(sim):
+    # The ScaledObject reads ivq:waiting, which holds every line of a batch; before, it read
+    # the broker's lists, where a tenant's batch shows only its released lane (16 jobs).
+    times, batch = sim.workload("batch")
+    assert len(times) == sim.BATCH_LINES == 50_000 and batch.all()
+    params = sim.Params(max_replicas=8)
+    waiting = sim.simulate(params, times, batch=batch)
+    lists = sim.simulate(dataclasses.replace(params, signal="lists"), times, batch=batch)
+    print(f"\n50,000-line batch: ivq:waiting asks for {waiting.max_pods} pods, done in "
+          f"{waiting.wait_max_s / 3600:.1f} h; the broker's lists ask for {lists.max_pods}, "
+          f"done in {lists.wait_max_s / 3600:.1f} h")
+    assert waiting.max_pods == params.max_replicas
+    assert lists.max_pods == 1
+    assert waiting.served == lists.served == 50_000 and waiting.pods_at_end == lists.pods_at_end == 0
+    assert waiting.wait_max_s < lists.wait_max_s / 4
+
+
+def test_interactive_jobs_are_seen_alike_by_both_signals(sim, burst):
+    # Only a batch's lines differ between the two: every interactive job is on the lists too.
+    a = sim.simulate(sim.Params(), burst)
+    b = sim.simulate(sim.Params(signal="lists"), burst)
+    assert (a.max_pods, a.wait_p95_s, a.gpu_hours) == (b.max_pods, b.wait_p95_s, b.gpu_hours)
+
+
+def test_main_shows_the_batch_on_both_signals(sim, capsys):
+    assert sim.main(["--quick", "--json", "--no-plot", "--no-sweep", "--pattern", "batch"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["patterns"]["batch"]["max_pods"] == sim.Params().max_replicas
+    assert out["patterns"]["batch (lists)"]["max_pods"] == 1

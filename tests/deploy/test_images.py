@@ -78,7 +78,8 @@ def test_kubernetes_deploys_the_images_the_build_produces(rendered, built):
             prefixes.add(prefix)
             used[deployment] = local
         assert len(prefixes) == 1, f"{overlay}: one registry for every image, got {prefixes}"
-        worker = {"gpu": "internvl-queue-worker", "cpu-tiny": "internvl-queue-worker-cpu"}[overlay]
+        worker = {"gpu": "internvl-queue-worker", "gpu-sentinel": "internvl-queue-worker",
+                  "cpu-tiny": "internvl-queue-worker-cpu"}[overlay]
         assert used["internvl-queue-worker"] == f"{worker}:{version()}"
         assert used["internvl-queue-api"] == used["internvl-queue-callbacks"] == f"internvl-queue-client:{version()}"
 

@@ -2,7 +2,8 @@
 
 kubernetes-validate has no schema for custom resources, so the allowed fields
 are written out here from KEDA's ScaledObject/TriggerAuthentication reference
-and its Redis Lists scaler page (v2.15+), and from the PodMonitor API.
+and its Redis Lists and Redis Lists (Sentinel) scaler pages (v2.15+), and from
+the PodMonitor API.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import re
 import kubernetes_validate
 import pytest
 
-from api_client.keys import infer_queue_lists
+from api_client.keys import WAITING
 
 REQ, OPT = "required", "optional"
 SCALED_OBJECT_SPEC = {
@@ -39,11 +40,20 @@ REDIS_METADATA = {
     "address": OPT, "host": OPT, "port": OPT, "addressFromEnv": OPT, "hostFromEnv": OPT, "portFromEnv": OPT,
     "usernameFromEnv": OPT, "passwordFromEnv": OPT, "enableTLS": OPT, "unsafeSsl": OPT, "databaseIndex": OPT,
 }  # fmt: skip
+REDIS_SENTINEL_METADATA = {
+    "listName": REQ, "listLength": REQ, "activationListLength": OPT,
+    "addresses": OPT, "hosts": OPT, "ports": OPT, "addressesFromEnv": OPT, "hostsFromEnv": OPT, "portsFromEnv": OPT,
+    "sentinelMaster": OPT, "sentinelMasterFromEnv": OPT, "usernameFromEnv": OPT, "passwordFromEnv": OPT,
+    "sentinelUsernameFromEnv": OPT, "sentinelPasswordFromEnv": OPT, "enableTLS": OPT, "unsafeSsl": OPT,
+    "databaseIndex": OPT,
+}  # fmt: skip
+REDIS_TRIGGERS = {"redis": REDIS_METADATA, "redis-sentinel": REDIS_SENTINEL_METADATA}
 PROMETHEUS_METADATA = {
     "serverAddress": REQ, "query": REQ, "threshold": REQ, "activationThreshold": OPT, "queryParameters": OPT,
     "namespace": OPT, "customHeaders": OPT, "ignoreNullValues": OPT, "unsafeSsl": OPT, "authModes": OPT,
 }  # fmt: skip
-REDIS_AUTH_PARAMETERS = {"address", "host", "port", "username", "password", "tls", "ca", "cert", "key", "keyPassword"}
+REDIS_AUTH_PARAMETERS = {"address", "host", "port", "username", "password", "tls", "ca", "cert", "key", "keyPassword",
+                         "addresses", "hosts", "ports", "sentinelMaster", "sentinelUsername", "sentinelPassword"}
 TRIGGER_AUTH_SPEC = {
     "podIdentity", "secretTargetRef", "env", "hashiCorpVault", "azureKeyVault", "awsSecretManager", "gcpSecretManager",
 }
@@ -99,10 +109,13 @@ def test_scaled_object_uses_only_documented_fields(rendered):
             if trig["type"] == "prometheus":
                 check_fields(meta, PROMETHEUS_METADATA, f"prometheus {trig['name']}")
                 continue
-            assert trig["type"] == "redis"
-            check_fields(meta, REDIS_METADATA, f"redis {trig['name']}")
+            assert trig["type"] in REDIS_TRIGGERS, trig["type"]
+            check_fields(meta, REDIS_TRIGGERS[trig["type"]], f"{trig['type']} {trig['name']}")
             check_fields(trig["authenticationRef"], AUTH_REF, "authenticationRef")
-            assert {"address", "host", "addressFromEnv", "hostFromEnv"} & set(meta), "no Redis address"
+            assert {"address", "host", "addressFromEnv", "hostFromEnv", "addresses", "hosts", "addressesFromEnv",
+                    "hostsFromEnv"} & set(meta), "no Redis address"
+            if trig["type"] == "redis-sentinel":
+                assert {"sentinelMaster", "sentinelMasterFromEnv"} & set(meta), "no Sentinel master name"
 
 
 def test_hpa_behavior_is_a_valid_autoscaling_v2_behavior(rendered):
@@ -121,11 +134,13 @@ def test_hpa_behavior_is_a_valid_autoscaling_v2_behavior(rendered):
         assert all(p["type"] == "Pods" and p["value"] == 1 for p in down["policies"])
 
 
-def test_every_inference_list_is_counted_and_summed(rendered):
+def test_the_waiting_set_and_the_jobs_in_flight_are_summed(rendered):
     for overlay, (_, docs) in rendered.items():
         spec = only(docs, "ScaledObject")["spec"]
-        redis = [t for t in spec["triggers"] if t["type"] == "redis"]
-        assert sorted(t["metadata"]["listName"] for t in redis) == sorted(infer_queue_lists()), overlay
+        redis = [t for t in spec["triggers"] if t["type"] in REDIS_TRIGGERS]
+        assert [t["metadata"]["listName"] for t in redis] == [WAITING], overlay  # one key: every job that waits
+        kind = "redis-sentinel" if overlay.endswith("-sentinel") else "redis"
+        assert [t["type"] for t in redis] == [kind], overlay
         (in_flight,) = [t for t in spec["triggers"] if t["type"] == "prometheus"]
         assert "ivq_jobs_in_flight" in in_flight["metadata"]["query"]
         formula = spec["advanced"]["scalingModifiers"]["formula"]
@@ -158,8 +173,9 @@ def test_scaler_wiring_resolves(rendered):
         container = containers[spec["scaleTargetRef"]["envSourceContainerName"]]
         config = next(d for d in docs if d["kind"] == "ConfigMap")
         assert {"configMapRef": {"name": config["metadata"]["name"]}} in container["envFrom"]
-        for trig in (t for t in spec["triggers"] if t["type"] == "redis"):
-            assert trig["metadata"]["addressFromEnv"] in config["data"]
+        for trig in (t for t in spec["triggers"] if t["type"] in REDIS_TRIGGERS):
+            from_env = [v for k, v in trig["metadata"].items() if k.endswith("FromEnv")]
+            assert from_env and all(name in config["data"] for name in from_env), overlay
             auth_name = trig["authenticationRef"]["name"]
             auth = [d for d in docs if d["kind"] == "TriggerAuthentication" and d["metadata"]["name"] == auth_name]
             assert len(auth) == 1, overlay

@@ -143,7 +143,7 @@ def test_grace_period_outlasts_prestop_plus_drain(rendered):
 
 
 def test_startup_probe_allows_for_model_load(rendered):
-    minimum = {"cpu-tiny": 120, "gpu": 600}  # seconds before the kubelet gives up
+    minimum = {"cpu-tiny": 120, "gpu": 600, "gpu-sentinel": 600}  # seconds before the kubelet gives up
     for overlay, (_, docs) in rendered.items():
         c = named(docs, "Deployment", "internvl-queue-worker")["spec"]["template"]["spec"]["containers"][0]
         probe = c["startupProbe"]
@@ -354,7 +354,12 @@ def test_redis_ingress_admits_exactly_the_api_worker_and_callbacks_pods(rendered
                         for rule in p["spec"].get("egress", []) if 6379 in _ports(rule) for peer in _peers(rule)]
         assert egress_peers and all(peer["podSelector"] == spec["podSelector"] for peer in egress_peers)
         redis_rules = [rule for rule in spec["ingress"] if 6379 in _ports(rule)]
-        assert [_ports(rule) for rule in redis_rules] == [{6379}], overlay
+        # Redis, and behind Sentinel the sentinels too: the same ports out of our pods as into Redis's.
+        ports = {6379, 26379} if overlay.endswith("-sentinel") else {6379}
+        assert [_ports(rule) for rule in redis_rules] == [ports], overlay
+        assert all(_ports(rule) == ports for p in of_kind(docs, "NetworkPolicy")
+                   if p["metadata"]["namespace"] == "internvl-queue"
+                   for rule in p["spec"].get("egress", []) if 6379 in _ports(rule)), overlay
         ours, keda = _peers(redis_rules[0])
         assert ours["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "internvl-queue"}
         admitted = {d["metadata"]["name"] for d in of_kind(docs, "Deployment")

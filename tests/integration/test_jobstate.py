@@ -191,12 +191,13 @@ def _exercise(jobs: JobStore) -> dict[str, list[str]]:
     time.sleep(0.1)
     jobs.sweep(resend_after_s=0.0)
     jobs.run("sweep", a, repr(time.time()), 2, repr(time.time()))
-    return {j: keys.JobKeys.of(j).as_list() + [keys.idempotency(k, keys.shard_of(j)) for k in ("internal/k-1", "-")]
+    return {j: [*keys.JobKeys.of(j).as_list(), keys.waiting_key(j, jobs.clustered),
+                *(keys.idempotency(k, keys.shard_of(j)) for k in ("internal/k-1", "-"))]
             for j in (a, b, c, d, e)}
 
 
 _ONE_KEY_COMMANDS = {"HSET", "HGET", "HMGET", "HDEL", "HINCRBY", "RPUSH", "EXPIRE", "ZADD", "ZREM", "ZSCORE",
-                     "GET", "SET", "PUBLISH"}
+                     "GET", "SET", "PUBLISH", "ZREMRANGEBYSCORE"}
 
 
 def _monitor(port: int, stop: threading.Event, lines: list[str]) -> None:

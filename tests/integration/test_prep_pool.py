@@ -2,7 +2,10 @@
 
 Same inputs as on the task thread; one bad file fails its own job; a process
 killed mid-job fails that job with `preprocess_crashed` and is replaced; one
-that overruns the deadline is killed and the job times out.
+that overruns the deadline is killed and the job times out. Shutdown is the
+parent's: the processes run in their own process group and ignore SIGTERM and
+SIGINT; once the worker drains, a job not yet in a process, or in one that dies,
+goes back (`Draining`), and nothing is replaced; a process whose parent died exits.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,7 +22,7 @@ import torch
 
 from api_client.schema import ErrorCode, JobRequest
 from model_runtime.samples import make_sample_image
-from worker.jobs.errors import JobFailed
+from worker.jobs.errors import Draining, JobFailed
 from worker.jobs.inputs import InputEnv, prepare_inputs
 from worker.jobs.prep_pool import PreprocessCrashed, PrepPool
 from worker.io.media_fetch import MediaFetcher
@@ -39,9 +43,7 @@ def media(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def pool(tiny_model_dir, media):
-    settings = Settings(redis_url="redis://unused", allowed_file_root=media, data_dir=media)
-    pool = PrepPool(settings, model_path=str(tiny_model_dir), cache_dir=None, size=1, command=HANGING_CHILD).start()
-    pool.wait_ready(context_length=4096)
+    pool = _pool(tiny_model_dir, media)
     yield pool
     pool.stop()
 
@@ -79,10 +81,8 @@ def test_one_bad_file_fails_its_own_job_with_its_code(pool, media) -> None:
     assert _prepare(pool, "job-next", _request(media, "fine")).image_tiles >= 1  # the same process goes on
 
 
-def test_a_process_killed_mid_job_fails_that_job_only_and_is_replaced(pool, media) -> None:
-    import threading
-
-    [victim] = pool.pids
+def _hang_in_thread(pool: PrepPool, media: Path) -> tuple[threading.Thread, list[BaseException]]:
+    """A job its process hangs on, prepared on a thread; returns once the process holds it."""
     errors: list[BaseException] = []
 
     def run() -> None:
@@ -94,6 +94,12 @@ def test_a_process_killed_mid_job_fails_that_job_only_and_is_replaced(pool, medi
     t = threading.Thread(target=run)
     t.start()
     time.sleep(1.0)  # the job is in the child, which hangs on it
+    return t, errors
+
+
+def test_a_process_killed_mid_job_fails_that_job_only_and_is_replaced(pool, media) -> None:
+    [victim] = pool.pids
+    t, errors = _hang_in_thread(pool, media)
     os.kill(victim, signal.SIGKILL)
     t.join(30)
     assert len(errors) == 1 and isinstance(errors[0], PreprocessCrashed), errors
@@ -110,3 +116,86 @@ def test_a_process_that_overruns_the_deadline_is_killed_and_the_job_times_out(po
         _prepare(pool, "job-slow", _request(media, "HANG", image=None), timeout=1.0)
     assert _prepare(pool, "job-after-timeout", _request(media, "after")).prompt_tokens > 0
     assert hung not in pool.pids
+
+
+def test_processes_leave_shutdown_to_their_parent(pool, media) -> None:
+    [child] = pool.pids
+    assert os.getpgid(child) == child != os.getpgid(0)  # a group of its own: a signal to ours misses it
+    os.kill(child, signal.SIGTERM)  # and sent to it directly (a cgroup-wide stop), it is ignored
+    os.kill(child, signal.SIGINT)
+    time.sleep(0.5)
+    assert pool.pids == [child] and _prepare(pool, "job-after-signals", _request(media, "still here")).prompt_tokens
+
+
+def _pool(tiny_model_dir, media) -> PrepPool:
+    settings = Settings(redis_url="redis://unused", allowed_file_root=media, data_dir=media)
+    pool = PrepPool(settings, model_path=str(tiny_model_dir), cache_dir=None, size=1, command=HANGING_CHILD).start()
+    return pool.wait_ready(context_length=4096)
+
+
+def test_during_a_drain_a_job_whose_process_dies_goes_back_and_nothing_is_replaced(tiny_model_dir, media) -> None:
+    pool = _pool(tiny_model_dir, media)
+    try:
+        [victim] = pool.pids
+        t, errors = _hang_in_thread(pool, media)
+        pool.begin_drain()
+        os.kill(victim, signal.SIGKILL)
+        t.join(30)
+        assert len(errors) == 1 and isinstance(errors[0], Draining), errors  # handed back, not failed
+        with pytest.raises(Draining):  # a job that had not reached a process goes back too
+            _prepare(pool, "job-late", _request(media, "late"))
+        time.sleep(1.0)
+        assert pool.pids == []  # no replacement for a worker that is going away
+    finally:
+        pool.stop()
+
+
+def test_a_process_whose_worker_died_exits(tiny_model_dir, media, tmp_path) -> None:
+    """The worker is SIGKILLed while its process hangs on a job: the process sees its parent go."""
+    import subprocess
+
+    script = tmp_path / "owner.py"
+    script.write_text(f"""
+import sys, time
+from pathlib import Path
+from api_client.schema import JobRequest
+from worker.jobs.prep_pool import PrepPool
+from worker.settings import Settings
+media = Path({str(media)!r})
+settings = Settings(redis_url="redis://unused", allowed_file_root=media, data_dir=media)
+pool = PrepPool(settings, model_path={str(tiny_model_dir)!r}, cache_dir=None, size=1,
+                command={HANGING_CHILD!r}).start().wait_ready(context_length=4096)
+print(pool.pids[0], flush=True)
+request = JobRequest.simple("HANG")
+pool.prepare("job-hang", request.model_dump_json(), request, deadline=time.monotonic() + 600)
+""")
+    owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, cwd=Path(__file__).resolve().parents[2])
+    child = 0
+    try:
+        for line in owner.stdout:  # after its log lines, the pid of its process
+            if line.strip().isdigit():
+                child = int(line)
+                break
+        assert child, owner.stderr.read()[-3000:]
+        time.sleep(1.0)  # the job is in the child, which hangs on it
+        owner.kill()
+        owner.wait(10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _alive(child):
+            time.sleep(0.1)
+        assert not _alive(child), "the process outlived its worker"
+    finally:
+        owner.kill()
+        if child and _alive(child):
+            os.kill(child, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    import psutil
+
+    return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE

@@ -26,7 +26,7 @@ from api_client.dispatch import Dispatcher
 from api_client.formats import CompiledFormat, FormatRejected, compile_format
 from api_client.jobstate import Claim, JobStore
 from api_client.schema import ErrorCode, JobRequest, JobResult, Timings, Usage
-from worker.jobs.errors import Action, Draining, JobFailed, backoff_delay, classify
+from worker.jobs.errors import Action, Classified, Draining, JobFailed, backoff_delay, classify
 from worker.jobs.held import HeldClaims
 from worker.model.thread import BatchOutcome
 from worker.ops.metrics import Metrics
@@ -188,6 +188,10 @@ def _structured_fields(compiled: CompiledFormat | None, text: str, complete: boo
 
 def _handle_error(ctx: JobContext, claim: Claim, exc: BaseException) -> str:
     c = classify(exc)
+    if c.code is ErrorCode.preprocess_crashed and ctx.is_draining():
+        # The worker is stopping: a preprocessing process that died now most likely got the
+        # stop's signal too (sent to the process group, or the whole cgroup): not the job's fault.
+        c = Classified(Action.REQUEUE, c.code, f"{c.message}, while the worker drained")
     if c.action is Action.REQUEUE:
         if ctx.jobs.requeue(claim, "draining", count_attempt=False):
             ctx.dispatch.run_job(claim.job_id, claim.priority)

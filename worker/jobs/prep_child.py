@@ -14,13 +14,20 @@ back through shared memory. A failure of the job's own (bad media, a missing
 object) is classified here by worker/jobs/errors.py and travels as its code;
 the process itself ends only when its stdin closes (the worker is gone) or it
 dies, which the pool sees and answers for the job it held.
+
+Shutdown is the worker's: SIGTERM and SIGINT are ignored here (the pool starts
+this process in a group of its own, so a signal to the worker's group misses it
+anyway), and a worker that died while this process prepared a job is noticed
+within a second (its parent changes), and this process exits.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import replace
 from typing import Any, BinaryIO
@@ -29,6 +36,9 @@ from api_client.schema import JobRequest
 
 
 def main() -> int:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    _exit_with_parent(os.getppid())
     # The protocol owns the real stdout; anything a library prints goes to stderr instead.
     proto_out: BinaryIO = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
@@ -41,7 +51,21 @@ def main() -> int:
     for line in proto_in:
         message = json.loads(line)
         _send(proto_out, handle(env, owner_pid, message))
-    return 0
+    # stdin closed: the worker is stopping and waits for this exit. Every reply went out (flushed
+    # per line); skip the interpreter's teardown of torch and the processor (a second or more).
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _exit_with_parent(parent: int, every_s: float = 1.0) -> None:
+    """Exit once the worker that started this process is gone (its stdin closes too, but only
+    the next read sees that, after the job in hand)."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def _env(config: dict[str, Any]) -> tuple[Any, int]:

@@ -12,7 +12,18 @@ A child that dies while it holds a job fails that job alone, with the stable
 code `preprocess_crashed`, and is replaced in the background; one that overruns
 the job's deadline is killed and replaced the same way and the job times out.
 Either way the job ends through the pipeline's one error path, so it is never
-lost or run twice. `IVQ_PREPROCESS_WORKERS=0` prepares on the task threads instead.
+lost or run twice. Once the worker drains (`begin_drain`), a job whose child
+dies, or that has not reached a child yet, is handed back instead (`Draining`:
+the engine admits nothing more anyway), and no child is replaced; the pipeline
+also hands back a `preprocess_crashed` job that ends during a drain.
+`IVQ_PREPROCESS_WORKERS=0` prepares on the task threads instead.
+
+Shutdown is the parent's: a child runs in its own process group, so a signal
+sent to the worker's group (systemd, supervisors, a terminal's Ctrl-C) does not
+reach it, and it ignores SIGTERM and SIGINT sent to it directly (a cgroup-wide
+stop). It ends when its stdin closes: `stop` closes it, and so does the
+parent's death; a child whose parent died mid-job exits on its own
+(worker/jobs/prep_child.py). SIGKILL still ends it at once.
 """
 
 from __future__ import annotations
@@ -32,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from api_client.schema import ErrorCode, JobRequest
-from worker.jobs.errors import JobFailed
+from worker.jobs.errors import Draining, JobFailed
 from worker.jobs.translate import sampling_of
 from worker.settings import Settings
 
@@ -62,8 +73,11 @@ class Child:
 
     def __init__(self, command: list[str], config: dict[str, Any], env: dict[str, str]) -> None:
         # cwd: `-m` puts the working directory first on the path; import the worker's own tree.
-        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=CODE_ROOT)
+        # process_group=0: a group of its own (setpgid in the child, no preexec_fn), out of the worker's.
+        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=CODE_ROOT,
+                                     process_group=0)
         self.seq = 0
+        self.ready = False  # answered its first line: it reads stdin, so closing it ends the process
         self._send(config)
 
     @property
@@ -74,6 +88,7 @@ class Child:
         reply = self._receive(timeout)
         if not reply.get("ready"):
             raise ChildGone(f"unexpected first line from the preprocessing process: {reply!r}")
+        self.ready = True
 
     def send(self, message: dict[str, Any]) -> None:
         """Hand it one job; ChildGone if it is already dead (then the job never reached it)."""
@@ -121,11 +136,18 @@ class Child:
 
     def close(self, timeout: float) -> None:
         """Close stdin (the child exits after its current job), then kill it if it lingers."""
+        self.close_stdin()
+        self.finish(timeout)
+
+    def close_stdin(self) -> None:
         try:
             if self.proc.stdin:
                 self.proc.stdin.close()
         except OSError:
             pass
+
+    def finish(self, timeout: float) -> None:
+        """Wait for the exit that closing stdin asked for; kill it if it lingers."""
         if self.exit_code(timeout) is None:
             self.kill()
         self.close_pipes()
@@ -166,6 +188,7 @@ class PrepPool:
         self._children: set[Child] = set()
         self._lock = threading.Lock()
         self._closed = threading.Event()
+        self._draining = threading.Event()  # the worker is stopping: no new job, no replacement
         self._starting: list[Child] = []
 
     # ---- lifecycle -----------------------------------------------------
@@ -187,6 +210,11 @@ class PrepPool:
         log.info("preprocess_pool.ready", processes=self.size, pids=[c.pid for c in self._children])
         return self
 
+    def begin_drain(self) -> None:
+        """The worker drains: a job not yet handed to a process goes back (`Draining`: the engine takes
+        no new job now), and a process that dies is not replaced. Jobs in hand finish."""
+        self._draining.set()
+
     def stop(self, timeout: float = 10.0) -> None:
         from worker.model.handoff import remove_stale
 
@@ -194,8 +222,11 @@ class PrepPool:
         with self._lock:
             children = list(self._children)
             self._children.clear()
-        for child in children:
-            child.close(timeout)
+        for child in children:  # all at once: each ends after the job it holds
+            child.close_stdin()
+        deadline = time.monotonic() + timeout
+        for child in children:  # one still loading reads no stdin yet: killed without a wait
+            child.finish(max(0.0, deadline - time.monotonic()) if child.ready else 0.0)
         remove_stale(os.getpid())
 
     @property
@@ -226,6 +257,8 @@ class PrepPool:
             reply = child.receive(deadline - time.monotonic())
         except ChildGone:
             self._lost(child, job_id)
+            if self._closed.is_set() or self._draining.is_set():  # the worker is going away: not the job's fault
+                raise Draining(f"the preprocessing process (pid {child.pid}) died while the worker drained") from None
             raise PreprocessCrashed(f"the preprocessing process (pid {child.pid}) died while preparing this job "
                                     f"(exit code {child.proc.returncode})") from None
         except TimeoutError:
@@ -245,8 +278,8 @@ class PrepPool:
 
     def _borrow(self, deadline: float) -> Child:
         while True:
-            if self._closed.is_set():
-                raise RuntimeError("the preprocessing pool is stopped")
+            if self._closed.is_set() or self._draining.is_set():
+                raise Draining("the preprocessing pool is stopping")
             try:
                 return self._idle.get(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
             except queue.Empty:
@@ -273,7 +306,7 @@ class PrepPool:
 
     def _replace(self) -> None:
         delay = RESPAWN_DELAY_S[0]
-        while not self._closed.is_set():
+        while not self._closed.is_set() and not self._draining.is_set():
             child = None
             try:
                 child = self._spawn()
@@ -287,7 +320,7 @@ class PrepPool:
                 self._closed.wait(delay)
                 delay = min(RESPAWN_DELAY_S[1], delay * 2)
                 continue
-            if self._closed.is_set():
+            if self._closed.is_set() or self._draining.is_set():
                 child.close(1.0)
                 return
             log.info("preprocess_process.replaced", pid=child.pid)

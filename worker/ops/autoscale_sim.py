@@ -1,9 +1,12 @@
 """Replay arrival patterns against KEDA + HPA's scaling rule for the inference workers.
 
 What it models (deploy/kubernetes/base/keda.yaml, deploy/SCALING.md):
-  * KEDA polls the backlog (summed broker lists + jobs in flight) every
-    `polling_s`; it activates 0 -> 1 when the backlog exceeds `activation`, and
-    scales N -> 0 once it has stayed at or below it for `cooldown_s`.
+  * KEDA polls the backlog (the jobs that wait, `ivq:waiting`, + jobs in
+    flight) every `polling_s`; it activates 0 -> 1 when the backlog exceeds
+    `activation`, and scales N -> 0 once it has stayed at or below it for
+    `cooldown_s`. With `signal="lists"` it sees what the broker's lists held
+    instead (the ScaledObject before `ivq:waiting`): every interactive job that
+    waits, but of a tenant's batch only its released lane (`lane_jobs`).
   * The HPA (sync every `hpa_sync_s`) sets desired = ceil(backlog / target)
     within [1, max], skips changes within its 10 % tolerance, scales up by at
     most max(4 pods, 100 %) per step, and scales down only to the highest
@@ -11,6 +14,8 @@ What it models (deploy/kubernetes/base/keda.yaml, deploy/SCALING.md):
   * A new pod serves after `cold_start_s` (model load + warm-up; image pull
     aside); a ready pod starts `throughput` jobs/s (FIFO) and each job stays
     in flight for `batch_latency_s` (one generate call).
+The `batch` pattern is one tenant's 50,000-line batch file: on the broker's
+lists the fleet stays at one pod; on `ivq:waiting` it asks for max_replicas.
 It reports queue wait (arrival -> a worker starts the job) p50/p95/p99, pods
 over time (PNG), GPU-hours (pod lifetime incl. cold start) and a sweep over
 target, activation and cooldown. Only numpy (matplotlib optional) is needed.
@@ -27,11 +32,15 @@ import math
 import sys
 from collections import deque
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 DEFAULT_PLOT = Path("scaling.png")  # the current directory: an installed package may be read-only
-PATTERNS = ("steady", "burst", "diurnal")
+PATTERNS = ("steady", "burst", "diurnal", "batch")
+SWEPT = ("steady", "burst", "diurnal")  # the knob sweep's patterns
+SIGNALS = ("waiting", "lists")
+BATCH_LINES = 50_000
 HPA_TOLERANCE = 0.1
 
 
@@ -51,6 +60,8 @@ class Params:
     scale_down_pods_per_min: int = 1
     min_replicas: int = 0
     max_replicas: int = 8
+    signal: str = "waiting"  # what KEDA counts as waiting: "waiting" (ivq:waiting) or "lists" (broker lists)
+    lane_jobs: int = 16  # IVQ_BATCH_LANE_JOBS: a batch tenant's jobs on the broker's lists at a time
 
 
 @dataclasses.dataclass
@@ -75,8 +86,20 @@ class Result:
 
 def arrivals(pattern: str, *, quick: bool = False, seed: int = 0) -> np.ndarray:
     """Sorted arrival times (s) for one pattern; Poisson within each shape."""
-    rng = np.random.default_rng(seed)
+    return workload(pattern, quick=quick, seed=seed)[0]
+
+
+def workload(pattern: str, *, quick: bool = False, seed: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
+    """(sorted arrival times, which of them are batch lines or None for none) for one pattern."""
     scale = 0.25 if quick else 1.0
+    if pattern == "batch":  # one tenant's batch file, its lines created within 10 s
+        times = np.sort(np.random.default_rng(seed).uniform(60, 70, int(BATCH_LINES * scale)))
+        return times, np.ones(len(times), dtype=bool)
+    return _interactive(pattern, scale, seed), None
+
+
+def _interactive(pattern: str, scale: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
     if pattern == "steady":  # 6 jobs/s for 1 h (3 pods' worth at the defaults)
         horizon = 3600 * scale
         return np.sort(rng.uniform(0, horizon, rng.poisson(6.0 * horizon)))
@@ -118,9 +141,14 @@ class _Fleet:
         self.pod_seconds += sum(now - created for created, _ in self.pods)
 
 
-def simulate(p: Params, arrival_times: np.ndarray, *, idle_tail_s: float | None = None, dt: float = 1.0) -> Result:
-    """Run the control loop second by second until the arrivals end plus an idle tail."""
+def simulate(p: Params, arrival_times: np.ndarray, *, batch: np.ndarray | None = None,
+             idle_tail_s: float | None = None, dt: float = 1.0) -> Result:
+    """Run the control loop second by second until the arrivals end plus an idle tail.
+    `batch`: which arrivals are batch lines (None: none are)."""
+    if p.signal not in SIGNALS:
+        raise ValueError(f"unknown signal {p.signal!r}; choose from {SIGNALS}")
     arrival_times = np.asarray(arrival_times, dtype=float)
+    batch_before = np.concatenate([[0], np.cumsum(np.zeros(len(arrival_times)) if batch is None else batch)])
     if idle_tail_s is None:
         idle_tail_s = p.cooldown_s + p.stabilization_s + p.polling_s + 600
     end = (arrival_times[-1] if len(arrival_times) else 0.0) + idle_tail_s
@@ -135,10 +163,11 @@ def simulate(p: Params, arrival_times: np.ndarray, *, idle_tail_s: float | None 
     last_scale_down = -math.inf
     waits = np.full(len(arrival_times), np.nan)
     series: dict[str, list[float]] = {"t": [], "pods": [], "ready": [], "backlog": []}
-    steps = int(math.ceil(end / dt))
     poll_every = max(1, round(p.polling_s / dt))
     hpa_every = max(1, round(p.hpa_sync_s / dt))
-    for step in range(steps + 1):
+    step = -1
+    while (step + 1) * dt <= end + 1e-9:
+        step += 1
         now = step * dt
         arrived = int(np.searchsorted(arrival_times, now, side="right"))
         ready = fleet.ready(now)
@@ -152,7 +181,10 @@ def simulate(p: Params, arrival_times: np.ndarray, *, idle_tail_s: float | None 
         credit = credit - take if arrived > served else 0.0
         finished = int(np.searchsorted(start_times[:served], now - p.batch_latency_s, side="right"))
         backlog = arrived - served
-        visible = arrived - finished  # what the scaler sees: lists + in flight
+        visible = arrived - finished  # what the scaler sees: the jobs that wait + in flight
+        if p.signal == "lists":  # of a batch's waiting lines, the broker's lists show only the lane
+            batch_waiting = int(batch_before[arrived] - batch_before[served])
+            visible -= batch_waiting - min(batch_waiting, p.lane_jobs)
 
         if step % poll_every == 0:  # KEDA operator: activation and scale to zero
             if visible > p.activation:
@@ -178,6 +210,8 @@ def simulate(p: Params, arrival_times: np.ndarray, *, idle_tail_s: float | None 
                     replicas = max(floor, replicas - p.scale_down_pods_per_min)
                     last_scale_down = now
         fleet.resize(replicas, now, p.cold_start_s)
+        if served < len(arrival_times) and replicas > 0:  # a long backlog: run until it is served, then the tail
+            end = max(end, now + idle_tail_s)
         if step % max(1, int(10 / dt)) == 0:
             for key, value in (("t", now), ("pods", len(fleet.pods)), ("ready", ready), ("backlog", backlog)):
                 series[key].append(value)
@@ -202,7 +236,7 @@ def simulate(p: Params, arrival_times: np.ndarray, *, idle_tail_s: float | None 
 def sweep(base: Params, pattern: str, *, quick: bool, seed: int) -> list[dict]:
     """One knob at a time around `base`: target, activation threshold, cooldown."""
     times = arrivals(pattern, quick=quick, seed=seed)
-    knobs = {
+    knobs: dict[str, list[Any]] = {
         "target": [8, 16, 32, 64],
         "activation": [0, 5, 50],
         "cooldown_s": [60, 300, 900],
@@ -277,6 +311,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--stabilization", type=float, default=d.stabilization_s)
     ap.add_argument("--min-replicas", type=int, default=d.min_replicas)
     ap.add_argument("--max-replicas", type=int, default=d.max_replicas)
+    ap.add_argument("--signal", choices=SIGNALS, default=d.signal,
+                    help="what KEDA counts: waiting (ivq:waiting, the manifests) or lists (the broker's lists only)")
+    ap.add_argument("--lane-jobs", type=int, default=d.lane_jobs, help="IVQ_BATCH_LANE_JOBS (the lists signal)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="shorter patterns, burst-only sweep")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
@@ -292,14 +329,21 @@ def main(argv: list[str] | None = None) -> int:
         throughput=args.throughput, cold_start_s=args.cold_start, batch_latency_s=args.batch_latency,
         target=args.target, activation=args.activation, cooldown_s=args.cooldown,
         polling_s=args.polling, stabilization_s=args.stabilization,
-        min_replicas=args.min_replicas, max_replicas=args.max_replicas,
+        min_replicas=args.min_replicas, max_replicas=args.max_replicas, signal=args.signal,
+        lane_jobs=args.lane_jobs,
     )  # fmt: skip
     defaults = Params()
     patterns = PATTERNS if args.pattern == "all" else (args.pattern,)
-    results = {name: simulate(params, arrivals(name, quick=args.quick, seed=args.seed)) for name in patterns}
+    results = {}
+    for name in patterns:
+        times, batch = workload(name, quick=args.quick, seed=args.seed)
+        results[name] = simulate(params, times, batch=batch)
+        if batch is not None:  # the same batch on the other signal, side by side
+            other = next(s for s in SIGNALS if s != params.signal)
+            results[f"{name} ({other})"] = simulate(dataclasses.replace(params, signal=other), times, batch=batch)
     rows = []
     if not args.no_sweep:
-        for name in ("burst",) if args.quick else patterns:
+        for name in ("burst",) if args.quick else [p for p in patterns if p in SWEPT]:
             rows += sweep(params, name, quick=args.quick, seed=args.seed)
     plot = None if args.no_plot else _plot(results, params, args.plot)
     provenance = {
@@ -308,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch_latency_s": "given" if params.batch_latency_s != defaults.batch_latency_s else "ASSUMED placeholder",
         "arrival patterns": "synthetic (Poisson), not production traffic",
         "scaling rule": "KEDA 2.x scalingModifiers sum + HPA autoscaling/v2 (documented behaviour)",
+        "signal": f"{params.signal} (waiting: ivq:waiting, every job that waits; lists: the broker's lists only)",
     }
     if args.json:
         out = {
