@@ -29,6 +29,7 @@ from kombu import Exchange, Queue
 from api_client import keys
 from api_client.dispatch import Dispatcher
 from api_client.jobstate import JobStore
+from api_client.redis_conn import broker_options, broker_url, sync_client
 from worker.ops.metrics import Metrics
 from worker.jobs.pipeline import process_job
 from worker.runtime import WorkerRuntime
@@ -40,7 +41,7 @@ log = structlog.get_logger(__name__)
 def create_app(settings: Settings) -> Celery:
     if not settings.redis_url:
         raise ValueError("settings.redis_url is required (the CLI starts an embedded Redis when unset)")
-    app = Celery("internvl-queue", broker=settings.redis_url, set_as_current=False)
+    app = Celery("internvl-queue", broker=broker_url(settings.redis_url), set_as_current=False)
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],
@@ -62,7 +63,7 @@ def create_app(settings: Settings) -> Celery:
         # every 100 s (interval 10 x throttle 10): a callback message a killed worker had
         # taken is re-delivered soon after the visibility timeout, not minutes later.
         broker_transport_options={**keys.broker_transport_options(settings.visibility_timeout_s),
-                                  "unacked_restore_throttle": 1},
+                                  "unacked_restore_throttle": 1, **broker_options(settings.redis_url)},
         broker_connection_retry_on_startup=True,
         worker_send_task_events=settings.task_events,
         task_send_sent_event=settings.task_events,
@@ -122,8 +123,7 @@ def _register_tasks(app: Celery) -> None:
 
 def _redis(app: Celery) -> redis.Redis:
     if app.ivq_redis is None:
-        app.ivq_redis = redis.Redis.from_url(app.ivq_settings.redis_url, socket_timeout=30,
-                                             socket_connect_timeout=5, health_check_interval=30)
+        app.ivq_redis = sync_client(app.ivq_settings.redis_url, socket_timeout=30, retries=10)
     return app.ivq_redis
 
 
