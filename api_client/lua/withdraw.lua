@@ -8,5 +8,5 @@ redis.call('HINCRBY', KEYS[8], 't|' .. (st[3] or '') .. '|' .. (batch ~= '' and 
 if batch ~= '' then redis.call('HINCRBY', KEYS[8], 'b|' .. batch .. '|queued', -1) end
 unindex()
 if redis.call('GET', KEYS[9]) == ARGV[1] then redis.call('DEL', KEYS[9]) end
-redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('DEL', KEYS[1]); redis.call('DEL', KEYS[2])
 return 1
