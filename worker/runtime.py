@@ -93,7 +93,7 @@ class WorkerRuntime:
     # ---- lifecycle ---------------------------------------------------------
     def start(self) -> WorkerRuntime:
         t0 = time.perf_counter()
-        self.redis.ping()
+        self.wait_for_redis()
         if self.load_model:
             self.ctx = self._load()
         self.metrics.model_loaded(time.perf_counter() - t0)
@@ -105,10 +105,28 @@ class WorkerRuntime:
             t.start()
             self._threads.append(t)
         self.health.mark_ready(has_model=self.model_thread is not None, warmed_up=self.settings.warmup)
-        self.heartbeat()
+        try:
+            self.heartbeat()
+        except redis.RedisError as exc:  # Redis went away during the load: the sweeper beats again
+            log.warning("worker.heartbeat_failed", error=str(exc))
         log.info("worker.ready", worker_id=self.worker_id, startup_s=round(time.perf_counter() - t0, 3),
                  model=self.settings.model, max_batch_size=self.settings.max_batch_size)
         return self
+
+    def wait_for_redis(self, max_delay_s: float = 5.0) -> None:
+        """Wait (backoff to `max_delay_s`) until Redis answers: during a failover or an outage a
+        starting worker waits, not ready, instead of exiting into a crash loop. SIGTERM ends the wait."""
+        delay, since = 0.2, time.monotonic()
+        while True:
+            try:
+                self.redis.ping()
+                return
+            except redis.RedisError as exc:
+                log.warning("worker.redis_unreachable", error=str(exc), waited_s=round(time.monotonic() - since, 1),
+                            retry_in_s=delay)
+            if self._stop.wait(delay):
+                raise RuntimeError("stopped while waiting for Redis")
+            delay = min(max_delay_s, delay * 2)
 
     def _load(self) -> JobContext:
         from model_runtime.loading import load_runtime, resolve_model_path
