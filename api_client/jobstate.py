@@ -136,7 +136,12 @@ class JobStore:
         pipe = self.redis.pipeline(transaction=False)  # WAIT counts this connection's writes: one connection
         self._create(job_id, request_json, now, priority, deadline, idempotency_key, tenant, batch_id, pipe=pipe)
         pipe.wait(self.durability.replicas, self.durability.timeout_ms)
-        (created, jid), acked = pipe.execute()
+        try:
+            (created, jid), acked = pipe.execute()
+        except redis.ResponseError as exc:
+            self._demoted(exc)
+            self.withdraw(job_id, idempotency_key, tenant)
+            raise NotReplicated("the primary was demoted under this submit (a failover)") from exc
         if int(acked) < self.durability.replicas:
             if created:
                 self.withdraw(job_id, idempotency_key, tenant)
@@ -154,10 +159,23 @@ class JobStore:
             pipe.execute()
             return
         pipe.wait(self.durability.replicas, self.durability.timeout_ms)
-        acked = pipe.execute()[-1]
+        try:
+            acked = pipe.execute()[-1]
+        except redis.ResponseError as exc:
+            self._demoted(exc)
+            raise NotReplicated("the primary was demoted under these writes (a failover)") from exc
         if int(acked) < self.durability.replicas:
             raise NotReplicated(f"{acked} of {self.durability.replicas} replicas confirmed the writes "
                                 f"within {self.durability.timeout_ms} ms")
+
+    def _demoted(self, exc: redis.ResponseError) -> None:
+        """WAIT on a node that became a replica (a failover between connect and WAIT): drop the pool's
+        connections, so the next command asks for the primary again; anything else is raised."""
+        if "WAIT cannot be used with replica" not in str(exc):
+            raise exc
+        pool = getattr(self.redis, "connection_pool", None)  # a RedisCluster has one per node
+        if pool is not None:
+            pool.disconnect()
 
     def withdraw(self, job_id: str, idempotency_key: str | None = None, tenant: str = keys.INTERNAL_TENANT) -> bool:
         """Delete a refused submit's record if nobody started it; False if it could not (then it may run)."""

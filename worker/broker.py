@@ -13,7 +13,10 @@ consumer's restart reports an "Unrecoverable error" and the worker exits
 visibility timeout, and the job's fenced claim (lua/claim.lua) drops the
 duplicate.
 
-`create_app` (worker/celery_app.py) selects these by `broker_transport`.
+`create_app` (worker/celery_app.py) selects these by `broker_transport`, and
+`register` makes them what the `redis://` and `sentinel://` schemes name in this
+process: on a lost connection kombu switches to the next URL of a Sentinel list
+and picks the transport from its scheme, not from `broker_transport`.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 from typing import Any
 
 import redis
+from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import redis as kombu_redis
 
 
@@ -47,6 +51,12 @@ class Transport(kombu_redis.Transport):
 
 class SentinelTransport(kombu_redis.SentinelTransport):
     Channel = SentinelChannel
+
+
+def register() -> None:
+    """The worker's broker connections use these transports, whichever URL of a list they switch to."""
+    TRANSPORT_ALIASES["redis"] = f"{__name__}:Transport"
+    TRANSPORT_ALIASES["sentinel"] = f"{__name__}:SentinelTransport"
 
 
 def transport_for(broker_url: str) -> str:

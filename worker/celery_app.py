@@ -30,6 +30,7 @@ from api_client import keys
 from api_client.dispatch import Dispatcher
 from api_client.jobstate import JobStore
 from api_client.redis_conn import broker_options, broker_url, sync_client
+from worker.broker import register as register_broker_transports
 from worker.broker import transport_for
 from worker.ops.metrics import Metrics
 from worker.jobs.pipeline import process_job
@@ -43,6 +44,7 @@ def create_app(settings: Settings) -> Celery:
     if not settings.redis_url:
         raise ValueError("settings.redis_url is required (the CLI starts an embedded Redis when unset)")
     broker = broker_url(settings.redis_url)
+    register_broker_transports()
     app = Celery("internvl-queue", broker=broker, set_as_current=False)
     app.conf.update(
         broker_transport=transport_for(broker),  # worker/broker.py: a lost Redis must not end the worker

@@ -23,7 +23,9 @@ class Producer:
     submit: Callable[[int], str]
     pause_s: float = 0.01
     acked: list[str] = field(default_factory=list)
+    acked_at: list[float] = field(default_factory=list)  # monotonic time of each acknowledgement
     refused: int = 0
+    unexpected: list[str] = field(default_factory=list)  # errors no client should raise: the test fails
     first_refused_at: float | None = None
     last_refused_at: float | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -40,11 +42,15 @@ class Producer:
             n += 1
             try:
                 self.acked.append(self.submit(n))
+                self.acked_at.append(time.monotonic())
             except (BrokerUnavailable, ServiceError):
                 now = time.monotonic()
                 self.refused += 1
                 self.first_refused_at = self.first_refused_at or now
                 self.last_refused_at = now
+                time.sleep(0.1)
+            except Exception as exc:  # noqa: BLE001 - kept and asserted on, never lost in a dead thread
+                self.unexpected.append(repr(exc)[:300])
                 time.sleep(0.1)
             self._stop.wait(self.pause_s)
 
@@ -77,6 +83,18 @@ def check(r, acked: list[str]) -> dict[str, int]:
             out["failed"] += 1  # ended failed or cancelled
         else:
             out["lost"] += 1  # no record: an acknowledged write that did not survive
+    return out
+
+
+def not_done(r, acked: list[str]) -> dict[str, dict]:
+    """The records (and events) of acknowledged jobs still queued or running: what a failure shows."""
+    out = {}
+    for job_id in acked:
+        rec = {k.decode(): v.decode()[:200] for k, v in r.hgetall(keys.job(job_id)).items()}
+        if rec.get("state") in ("queued", "running"):
+            rec.pop("request", None)
+            out[job_id] = {**rec, "events": [e.decode() for e in r.lrange(keys.events(job_id), 0, -1)],
+                           "queued_index": r.zscore(keys.JobKeys.of(job_id).shard.queued, job_id)}
     return out
 
 

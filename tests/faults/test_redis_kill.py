@@ -66,6 +66,7 @@ def test_redis_sigkill_rounds_lose_nothing_and_the_worker_stays_up(redis_srv, cl
            f"{time.monotonic() - t_last:.1f}s after the last restart; worker up; a record without its message "
            f"started at most {max(late):.1f}s later than its neighbours "
            f"(re-send bound {1.5 * RESEND_LOST_AFTER_S:.1f}s)")
+    assert not producer.unexpected, producer.unexpected[:5]
     assert result["acknowledged"] > 100
     assert (result["lost"], result["failed"], result["duplicates"], result["not_done"]) == (0, 0, 0, 0), result
     assert max(late) < 1.5 * RESEND_LOST_AFTER_S + 2, late
