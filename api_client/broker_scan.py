@@ -9,8 +9,11 @@ so the sweeper sends the message again (api_client/jobstate.py `sweep`), but onl
 a job whose message is in none of the places kombu keeps one:
 
 - the waiting lists of the infer queue (`keys.infer_queue_lists()`), and
-- kombu's `unacked` hash: delivered to a worker, not yet acknowledged (this includes
-  messages held back by a countdown).
+- kombu's `unacked` hash, for a message delivered to a worker less than `fresh_s` ago
+  (a live worker claims its job within milliseconds), or held back by a countdown (its
+  ETA still ahead). An older entry is a delivery nobody is acting on: a worker whose
+  connection died with a failover, while the hash entry survived on the new primary,
+  leaves it there until kombu restores it after the visibility timeout (an hour).
 
 Each message names its job in its headers (`argsrepr`), a 32-hex id, which is all that
 is matched. The lists are read from their head (where producers push) in chunks, so a
@@ -25,13 +28,18 @@ only in rounds where some queued job has waited longer than `resend_lost_after_s
 
 from __future__ import annotations
 
+import json
 import re
+import time
 from collections.abc import Iterable
+from datetime import datetime
 from typing import Any
 
 from api_client import keys
+from api_client.jobstate import as_text
 
-UNACKED_KEY = "unacked"  # kombu's redis transport default (transport option unacked_key)
+UNACKED_KEY = "unacked"  # kombu's redis transport defaults (transport options unacked_key, unacked_index_key)
+UNACKED_INDEX_KEY = "unacked_index"
 _JOB_ID = re.compile(rb"(?<![0-9a-f-])[0-9a-f]{32}(?![0-9a-f-])")
 CHUNK = 1000
 
@@ -41,9 +49,10 @@ def job_ids_in(raw: bytes) -> set[str]:
     return {m.decode() for m in _JOB_ID.findall(raw)}
 
 
-def messages_present(client: Any, job_ids: Iterable[str], *, lists: list[str] | None = None,
-                     unacked_key: str = UNACKED_KEY) -> set[str]:
-    """The ids among `job_ids` that have a message waiting in the broker or held by a worker."""
+def messages_present(client: Any, job_ids: Iterable[str], *, fresh_s: float = 10.0, lists: list[str] | None = None,
+                     unacked_key: str = UNACKED_KEY, unacked_index_key: str = UNACKED_INDEX_KEY) -> set[str]:
+    """The ids among `job_ids` that have a message waiting in the broker, or held by a worker that
+    took it less than `fresh_s` ago or holds it for a countdown."""
     wanted = set(job_ids)
     found: set[str] = set()
     if not wanted:
@@ -58,6 +67,20 @@ def messages_present(client: Any, job_ids: Iterable[str], *, lists: list[str] | 
                 break
             start += CHUNK
     if not wanted <= found:
-        for raw in client.hvals(unacked_key):
-            found |= job_ids_in(raw) & wanted
+        now = time.time()
+        taken_at = {as_text(tag): score for tag, score in client.zrange(unacked_index_key, 0, -1, withscores=True)}
+        for tag, raw in client.hgetall(unacked_key).items():
+            ids = job_ids_in(raw) & wanted
+            if ids and (taken_at.get(as_text(tag), 0.0) > now - fresh_s or _eta_ahead(raw, now)):
+                found |= ids
     return found
+
+
+def _eta_ahead(raw: bytes, now: float) -> bool:
+    """Is this unacked message held for a countdown that has not yet passed?"""
+    try:
+        message = json.loads(raw)[0]  # kombu keeps [message, exchange, routing_key]
+        eta = (json.loads(message) if isinstance(message, str) else message)["headers"].get("eta")
+        return bool(eta) and datetime.fromisoformat(eta).timestamp() > now
+    except (ValueError, TypeError, KeyError, IndexError):
+        return False

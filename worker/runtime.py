@@ -232,7 +232,7 @@ class WorkerRuntime:
 
     def _messages_present(self, job_ids: set[str]) -> set[str]:
         """The jobs among these whose message is still in the broker (api_client/broker_scan.py)."""
-        return messages_present(self.redis, job_ids)
+        return messages_present(self.redis, job_ids, fresh_s=self.settings.resend_lost_after_s)
 
     def resend_lost_notifies(self, limit: int = 200) -> int:
         """Send again the notify of any event whose callback is still owed after a while."""

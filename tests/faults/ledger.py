@@ -93,8 +93,14 @@ def not_done(r, acked: list[str]) -> dict[str, dict]:
         rec = {k.decode(): v.decode()[:200] for k, v in r.hgetall(keys.job(job_id)).items()}
         if rec.get("state") in ("queued", "running"):
             rec.pop("request", None)
+            t = keys.TenantKeys.of(rec.get("tenant", ""))
             out[job_id] = {**rec, "events": [e.decode() for e in r.lrange(keys.events(job_id), 0, -1)],
-                           "queued_index": r.zscore(keys.JobKeys.of(job_id).shard.queued, job_id)}
+                           "queued_index": r.zscore(keys.JobKeys.of(job_id).shard.queued, job_id),
+                           "lane": r.zscore(t.lane, job_id), "in_backlog": r.lpos(t.backlog, job_id),
+                           "in_lists": [n for n in keys.infer_queue_lists()
+                                        if any(job_id.encode() in m for m in r.lrange(n, 0, -1))],
+                           "unacked": [(tag, r.zscore("unacked_index", tag)) for tag, m in r.hgetall("unacked").items()
+                                       if job_id.encode() in m], "now": time.time()}
     return out
 
 

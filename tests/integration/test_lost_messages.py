@@ -36,19 +36,31 @@ def _queued(jobs: JobStore, now: float, *, batch_id: str = "") -> str:
 
 def test_messages_present_finds_waiting_and_unacked_messages_only(redis_client, dispatch):
     jobs = JobStore(redis_client)
-    waiting, held, lost = (_queued(jobs, time.time()) for _ in range(3))
+    waiting, held, abandoned, lost = (_queued(jobs, time.time()) for _ in range(4))
     dispatch.run_job(waiting, 9)  # an urgent one: its own priority list
-    dispatch.run_job(held)
-    dispatch.run_job(lost)
-    # A worker took `held` (kombu moves it to `unacked`); `lost` vanished with a crashed Redis.
+    for job_id in (held, abandoned, lost):
+        dispatch.run_job(job_id)
+    # A worker took `held` just now (kombu moves it to `unacked`); `abandoned` was taken a minute ago by a
+    # worker that never claimed it (its connection died with a failover); `lost` vanished with a crash.
+    taken = {held: time.time(), abandoned: time.time() - 60}
     for name in keys.infer_queue_lists():
         for raw in redis_client.lrange(name, 0, -1):
-            if held.encode() in raw:
-                redis_client.lrem(name, 1, raw)
-                redis_client.hset("unacked", "tag-1", json.dumps([raw.decode(), "infer", "infer"]))
+            for job_id, at in taken.items():
+                if job_id.encode() in raw:
+                    redis_client.lrem(name, 1, raw)
+                    redis_client.hset("unacked", f"tag-{job_id}", json.dumps([json.loads(raw), "infer", "infer"]))
+                    redis_client.zadd("unacked_index", {f"tag-{job_id}": at})
             if lost.encode() in raw:
                 redis_client.lrem(name, 1, raw)
-    assert messages_present(redis_client, {waiting, held, lost}) == {waiting, held}
+    assert messages_present(redis_client, {waiting, held, abandoned, lost}, fresh_s=30) == {waiting, held}
+    # A retry's message waits in `unacked` for its countdown: present however long ago it was taken.
+    later = _queued(jobs, time.time())
+    dispatch.run_job(later, countdown=120)
+    (raw,) = [m for n in keys.infer_queue_lists() for m in redis_client.lrange(n, 0, -1) if later.encode() in m]
+    redis_client.hset("unacked", "tag-later", json.dumps([json.loads(raw), "infer", "infer"]))
+    redis_client.zadd("unacked_index", {"tag-later": time.time() - 60})
+    redis_client.delete(*keys.infer_queue_lists())
+    assert messages_present(redis_client, {later, abandoned}, fresh_s=30) == {later}
 
 
 def test_sweep_resends_only_the_job_whose_message_is_gone(redis_client, dispatch):
