@@ -230,6 +230,8 @@ class JobClient:
             yield
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
             raise BrokerUnavailable(f"Redis unreachable: {exc}") from exc
+        except redis.ReadOnlyError as exc:  # a demoted primary, still, after the retries
+            raise BrokerUnavailable(f"Redis is a replica now: {exc}") from exc
         except redis.ResponseError as exc:
             if "NOREPLICAS" not in str(exc):  # the primary's min-replicas-to-write refused the write
                 raise

@@ -33,8 +33,9 @@ from urllib.parse import quote, unquote, urlsplit
 import redis
 import redis.asyncio as aioredis
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import ReadOnlyError
+from redis.exceptions import ReadOnlyError, ResponseError
 from redis.retry import Retry
+from redis.sentinel import SentinelManagedConnection
 
 SENTINEL_SCHEME = "redis+sentinel"
 DEFAULT_SENTINEL_PORT = 26379
@@ -98,6 +99,28 @@ def parse_url(url: str) -> RedisTarget:
                        username=username, password=password)
 
 
+class ReadOnlyAwareConnection(redis.Connection):
+    """A connection that knows a script refused by a replica for READONLY: Redis 6 wraps that
+    error in "Error running script", which redis-py reads as a plain ResponseError. Raised here as
+    ReadOnlyError, it is retried on a fresh connection like any other READONLY (a demoted
+    primary), and through Sentinel asks the sentinels again. Nothing ran: a replica refuses the
+    script's first write."""
+
+    def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().read_response(*args, **kwargs)
+        except ReadOnlyError:
+            raise
+        except ResponseError as exc:
+            if "READONLY" in str(exc) and "read only replica" in str(exc):
+                raise ReadOnlyError(str(exc)) from exc
+            raise
+
+
+class SentinelReadOnlyAwareConnection(SentinelManagedConnection, ReadOnlyAwareConnection):
+    """Sentinel's connection (READONLY from the primary: disconnect, ask again), scripts included."""
+
+
 def retry_policy(retries: int) -> Retry:
     """Exponential backoff from 0.1 s to 1 s per try: 6 tries wait about 3.5 s, 10 about 7.5 s."""
     return Retry(ExponentialBackoff(cap=1.0, base=0.1), retries, supported_errors=RETRIED_ERRORS)
@@ -110,6 +133,8 @@ def sync_client(url: str, *, socket_timeout: float | None = 10.0, socket_connect
     kw: dict[str, Any] = {"socket_timeout": socket_timeout, "socket_connect_timeout": socket_connect_timeout,
                           "health_check_interval": health_check_interval, "retry": retry_policy(retries), **extra}
     if not target.is_sentinel:
+        if url.startswith("redis://"):  # rediss:// and unix:// keep their own connection classes
+            kw["connection_class"] = ReadOnlyAwareConnection
         return redis.Redis.from_url(url, **kw)
     from redis.sentinel import Sentinel
 
@@ -117,7 +142,8 @@ def sync_client(url: str, *, socket_timeout: float | None = 10.0, socket_connect
     sentinel = Sentinel(list(target.sentinels), sentinel_kwargs={**auth, "socket_timeout": socket_connect_timeout,
                                                                    "socket_connect_timeout": socket_connect_timeout},
                         db=target.db, **auth, **kw)
-    return sentinel.master_for(target.service, redis_class=redis.Redis)
+    return sentinel.master_for(target.service, redis_class=redis.Redis,
+                               connection_class=SentinelReadOnlyAwareConnection)
 
 
 def async_client(url: str, *, max_connections: int | None = None, socket_connect_timeout: float = 5.0,

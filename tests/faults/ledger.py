@@ -50,7 +50,7 @@ class Producer:
                 self.last_refused_at = now
                 time.sleep(0.1)
             except Exception as exc:  # noqa: BLE001 - kept and asserted on, never lost in a dead thread
-                self.unexpected.append(repr(exc)[:300])
+                self.unexpected.append(f"{type(exc).__name__}: {exc}"[:300])
                 time.sleep(0.1)
             self._stop.wait(self.pause_s)
 

@@ -82,3 +82,24 @@ def _record_without_message(client) -> str:
     client.jobs.create(job_id, JobRequest.simple("orphan", generation={"max_new_tokens": 4}).model_dump_json(),
                        now=time.time(), priority=0, deadline=None, idempotency_key=None)
     return job_id
+
+
+def test_a_worker_started_while_redis_is_down_waits_not_ready_then_serves(redis_srv, client, spawn):
+    """A pod started during a failover waits (backoff, /readyz 503) instead of exiting into a crash loop."""
+    import httpx
+
+    from worker.ops.embedded import free_port
+
+    redis_srv.stop()
+    port = free_port()
+    worker = spawn("patient", metrics_port=port)
+    time.sleep(8)  # past a Redis client's own retries: until now the worker exited with 1 here
+    assert worker.alive(), worker.tail()
+    assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 503
+    assert "worker.redis_unreachable" in worker.tail(20000)
+    redis_srv.start()
+    waited = worker.wait_ready(redis_srv.url)
+    job_id = client.submit(JobRequest.simple("after the wait", generation={"max_new_tokens": 4}))
+    assert client.wait(job_id, timeout=60).state.value == "succeeded"
+    assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200
+    record(f"worker started with Redis down: alive and not ready for {waited:.1f}s, then served")
