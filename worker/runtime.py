@@ -1,6 +1,7 @@
 """WorkerRuntime: one worker process's long-lived pieces and their lifecycle.
 
-Start (fail fast, like TGI): connect Redis, open the store, start the
+Start (fail fast, like TGI, on what cannot fix itself): wait for Redis (with backoff, not
+ready: a failover ends by itself), open the store, start the
 preprocessing processes (worker/jobs/prep_pool.py; they load the processor
 while this process loads the model), load the model, warm up at the largest
 batch, start the one model thread (worker/model/thread.py), wait for the

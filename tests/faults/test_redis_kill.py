@@ -93,10 +93,14 @@ def test_a_worker_started_while_redis_is_down_waits_not_ready_then_serves(redis_
     redis_srv.stop()
     port = free_port()
     worker = spawn("patient", metrics_port=port)
-    time.sleep(8)  # past a Redis client's own retries: until now the worker exited with 1 here
+    deadline = time.monotonic() + 60
+    while "worker.redis_unreachable" not in worker.tail(20000):  # its client's own retries, then the wait
+        assert worker.alive(), worker.tail()  # until now the worker exited with 1 here
+        assert time.monotonic() < deadline, worker.tail()
+        time.sleep(0.5)
+    time.sleep(3)
     assert worker.alive(), worker.tail()
     assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 503
-    assert "worker.redis_unreachable" in worker.tail(20000)
     redis_srv.start()
     waited = worker.wait_ready(redis_srv.url)
     job_id = client.submit(JobRequest.simple("after the wait", generation={"max_new_tokens": 4}))
