@@ -30,8 +30,8 @@ from api_client import keys
 from api_client.dispatch import Dispatcher
 from api_client.jobstate import JobStore
 from api_client.redis_conn import broker_options, broker_url, sync_client
-from worker.broker import register as register_broker_transports
-from worker.broker import transport_for
+from worker.io.broker import register as register_broker_transports
+from worker.io.broker import transport_for
 from worker.ops.metrics import Metrics
 from worker.jobs.pipeline import process_job
 from worker.runtime import WorkerRuntime
@@ -47,7 +47,7 @@ def create_app(settings: Settings) -> Celery:
     register_broker_transports()
     app = Celery("internvl-queue", broker=broker, set_as_current=False)
     app.conf.update(
-        broker_transport=transport_for(broker),  # worker/broker.py: a lost Redis must not end the worker
+        broker_transport=transport_for(broker),  # worker/io/broker.py: a lost Redis must not end the worker
         task_serializer="json",
         accept_content=["json"],
         result_serializer="json",

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import redis
 
@@ -25,12 +26,14 @@ SERVICE = "ivq"
 class Node(EmbeddedRedis):
     """One data node (AOF on, appendfsync everysec); `replicaof` is read at each start."""
 
-    def __init__(self, data_dir: Path, replicaof: int | None = None) -> None:
+    def __init__(self, data_dir: Path, replicaof: int | None = None, password: str | None = None) -> None:
         self.replicaof = replicaof
-        super().__init__(data_dir, appendonly=True)
+        super().__init__(data_dir, appendonly=True, password=password)
 
     def _argv(self) -> list[str]:
         argv = super()._argv() + ["--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "0"]
+        if self.password:
+            argv += ["--masterauth", self.password]
         return argv + (["--replicaof", "127.0.0.1", str(self.replicaof)] if self.replicaof else [])
 
     def pause(self) -> None:
@@ -42,11 +45,11 @@ class Node(EmbeddedRedis):
         os.kill(self._proc.pid, signal.SIGCONT)
 
     def client(self) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2)
+        return redis.Redis(host="127.0.0.1", port=self.port, password=self.password, socket_timeout=2)
 
 
 class Sentinel:
-    def __init__(self, data_dir: Path, primary_port: int) -> None:
+    def __init__(self, data_dir: Path, primary_port: int, password: str | None = None) -> None:
         self.port = free_port()
         data_dir.mkdir(parents=True, exist_ok=True)
         conf = data_dir / "sentinel.conf"
@@ -54,11 +57,12 @@ class Sentinel:
                         f"sentinel monitor {SERVICE} 127.0.0.1 {primary_port} 2\n"
                         f"sentinel down-after-milliseconds {SERVICE} 1000\n"
                         f"sentinel failover-timeout {SERVICE} 3000\n"
-                        f"sentinel parallel-syncs {SERVICE} 1\n")
+                        f"sentinel parallel-syncs {SERVICE} 1\n"
+                        + (f"sentinel auth-pass {SERVICE} {password}\nrequirepass {password}\n" if password else ""))
         with open(data_dir / "sentinel.log", "ab") as log:
             self.proc = subprocess.Popen([redis_executable(), str(conf), "--sentinel"], stdout=log,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        self.conn = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2)
+        self.conn = redis.Redis(host="127.0.0.1", port=self.port, password=password, socket_timeout=2)
         deadline = time.monotonic() + 10
         while True:
             try:
@@ -84,16 +88,18 @@ class Sentinel:
 class ReplicatedRedis:
     """Two data nodes (one primary, one replica) watched by three sentinels."""
 
-    def __init__(self, base: Path) -> None:
-        first = Node(base / "node-a")
-        self.nodes = [first, Node(base / "node-b", replicaof=first.port)]
-        self.sentinels = [Sentinel(base / f"sentinel-{i}", first.port) for i in range(3)]
+    def __init__(self, base: Path, password: str | None = None) -> None:
+        self.password = password
+        first = Node(base / "node-a", password=password)
+        self.nodes = [first, Node(base / "node-b", replicaof=first.port, password=password)]
+        self.sentinels = [Sentinel(base / f"sentinel-{i}", first.port, password) for i in range(3)]
         self.wait_linked()
 
     @property
     def url(self) -> str:
         hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
-        return f"redis+sentinel://{hosts}/{SERVICE}/0"
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        return f"redis+sentinel://{auth}{hosts}/{SERVICE}/0"
 
     def primary(self) -> Node:
         port = self.sentinels[0].primary_port()

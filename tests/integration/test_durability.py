@@ -125,3 +125,22 @@ def test_sentinel_urls_parse_for_every_client_and_the_broker():
     for bad in ("redis+sentinel://s1:26379", "redis+sentinel:///svc", "redis+sentinel://s1/svc/x", "http://x"):
         with pytest.raises(ValueError):
             parse_url(bad)
+
+
+def test_a_password_reaches_the_sentinels_the_primary_and_the_broker(tmp_path):
+    """Every data node and every sentinel asks for the password; the URL's reaches them all: a
+    submit (record, WAIT, Celery message through kombu's sentinel transport) and a status."""
+    from tests.faults.sentinels import ReplicatedRedis
+
+    topology = ReplicatedRedis(tmp_path / "redis", password="s3cret/+")
+    try:
+        with JobClient(topology.url) as client:
+            assert client.durability.mode == "replica"
+            job_id = client.submit(JobRequest.simple("through sentinels"))
+            assert client.status(job_id).state.value == "queued"
+        primary = topology.primary().client()
+        assert any(job_id.encode() in m for n in keys.infer_queue_lists() for m in primary.lrange(n, 0, -1))
+        with pytest.raises(BrokerUnavailable), JobClient(topology.url.replace("s3cret", "wrong")) as wrong:
+            wrong.submit(JobRequest.simple("refused"))
+    finally:
+        topology.stop()
