@@ -139,11 +139,17 @@ def sync_client(url: str, *, socket_timeout: float | None = 10.0, socket_connect
     from redis.sentinel import Sentinel
 
     auth = {"username": target.username, "password": target.password}
-    sentinel = Sentinel(list(target.sentinels), sentinel_kwargs={**auth, "socket_timeout": socket_connect_timeout,
-                                                                   "socket_connect_timeout": socket_connect_timeout},
+    sentinel = Sentinel(list(target.sentinels), sentinel_kwargs=_sentinel_kwargs(auth, socket_connect_timeout),
                         db=target.db, **auth, **kw)
     return sentinel.master_for(target.service, redis_class=redis.Redis,
                                connection_class=SentinelReadOnlyAwareConnection)
+
+
+def _sentinel_kwargs(auth: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """How to reach a sentinel: the URL's user and password, one try each (the sentinels are tried in
+    turn, and the command's own retry tries them all again; redis-py's default would retry each one
+    ten times, minutes in all when a password is wrong)."""
+    return {**auth, "socket_timeout": timeout, "socket_connect_timeout": timeout, "retry": retry_policy(0)}
 
 
 def async_client(url: str, *, max_connections: int | None = None, socket_connect_timeout: float = 5.0,
@@ -160,8 +166,8 @@ def async_client(url: str, *, max_connections: int | None = None, socket_connect
     from redis.asyncio.sentinel import Sentinel
 
     auth = {"username": target.username, "password": target.password}
-    sentinel = Sentinel(list(target.sentinels), sentinel_kwargs={**auth, "socket_timeout": socket_connect_timeout,
-                                                                   "socket_connect_timeout": socket_connect_timeout},
+    sentinel = Sentinel(list(target.sentinels),
+                        sentinel_kwargs={**_sentinel_kwargs(auth, socket_connect_timeout), "retry": _async_retry(0)},
                         db=target.db, **auth, **kw)
     if max_connections is None:
         return sentinel.master_for(target.service, redis_class=aioredis.Redis)
