@@ -26,6 +26,7 @@ from api_client.dispatch import Dispatcher, producer_app
 from api_client.errors import BrokerUnavailable, JobNotFound, RequestRejected, WaitTimeout
 from api_client.formats import FormatRejected, compile_format
 from api_client.jobstate import JobStore
+from api_client.redis_conn import Durability, default_durability, sync_client
 from api_client.quotas import Limits, Quotas
 from api_client.schema import MAX_REQUEST_BYTES, JobRequest, JobResult, JobState, JobStatus
 
@@ -33,13 +34,17 @@ from api_client.schema import MAX_REQUEST_BYTES, JobRequest, JobResult, JobState
 class JobClient:
     """Submit, follow and cancel jobs. Thread-safe; one per process is enough."""
 
-    def __init__(self, redis_url: str, *, socket_timeout: float = 10.0, tenant: str = keys.INTERNAL_TENANT):
+    def __init__(self, redis_url: str, *, socket_timeout: float = 10.0, tenant: str = keys.INTERNAL_TENANT,
+                 durability: Durability | str | None = None):
+        """`redis_url`: redis://... or redis+sentinel://... (api_client/redis_conn.py). `durability`:
+        "replica" (WAIT for a replica before a submit is acknowledged), "local", or a `Durability`;
+        None: replica for a Sentinel URL, local otherwise."""
         self.redis_url = redis_url
         self.tenant = tenant  # whose jobs this client submits; the direct client is trusted with every job
-        self.redis = redis.Redis.from_url(
-            redis_url, socket_timeout=socket_timeout, socket_connect_timeout=5, health_check_interval=30
-        )
-        self.jobs = JobStore(self.redis)
+        self.redis = sync_client(redis_url, socket_timeout=socket_timeout)
+        self.durability = durability if isinstance(durability, Durability) else default_durability(
+            redis_url, durability)
+        self.jobs = JobStore(self.redis, durability=self.durability)
         self.quotas = Quotas(self.redis)
         self.dispatch = Dispatcher(producer_app(redis_url))
 
@@ -52,6 +57,9 @@ class JobClient:
         format's own code (invalid_schema, unsupported_schema_feature, invalid_regex,
         empty_choices, schema_too_large) for a response_format that cannot be enforced.
         Submitting twice with the same idempotency_key returns the first job's id.
+        BrokerUnavailable: Redis or the broker cannot be reached, or (durability `replica`) no
+        replica confirmed the record in time; then the record is withdrawn if Redis still
+        answers, else the job may still run (retry with an idempotency_key).
         With `limits` (the HTTP API's tenants), the submit is admitted first and a
         refusal (RateLimited, QuotaExceeded) records and enqueues nothing.
         """
@@ -222,6 +230,12 @@ class JobClient:
             yield
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
             raise BrokerUnavailable(f"Redis unreachable: {exc}") from exc
+        except redis.ReadOnlyError as exc:  # a demoted primary, still, after the retries
+            raise BrokerUnavailable(f"Redis is a replica now: {exc}") from exc
+        except redis.ResponseError as exc:
+            if "NOREPLICAS" not in str(exc):  # the primary's min-replicas-to-write refused the write
+                raise
+            raise BrokerUnavailable(f"Redis refused the write: {exc}") from exc
         except OperationalError as exc:  # kombu could not publish
             raise BrokerUnavailable(f"broker unreachable: {exc}") from exc
 

@@ -21,6 +21,7 @@ from celery import Celery
 
 from api_client import keys
 from api_client.jobstate import Transition
+from api_client.redis_conn import broker_options, broker_url
 
 log = structlog.get_logger(__name__)
 
@@ -29,11 +30,11 @@ PUBLISH_RETRY = {"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5, 
 
 def producer_app(redis_url: str) -> Celery:
     """A Celery app that can only send our tasks (the producer never runs them)."""
-    app = Celery("internvl-queue-producer", broker=redis_url, set_as_current=False)
+    app = Celery("internvl-queue-producer", broker=broker_url(redis_url), set_as_current=False)
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],
-        broker_transport_options=keys.broker_transport_options(),
+        broker_transport_options={**keys.broker_transport_options(), **broker_options(redis_url)},
         broker_connection_retry_on_startup=False,
         broker_connection_max_retries=3,
     )

@@ -9,6 +9,13 @@
     sweep: a running job whose lease ran out goes back to queued (a crash), or
            after max_crashes ends failed: poison; a queued job whose message may be
            lost is flagged to be sent again.
+    withdraw: a submit refused after its record was written (no replica confirmed it)
+           deletes the record, if no worker started it.
+
+Every script is safe to run twice with the same arguments (redis-py retries a command
+whose reply was lost, and a retried EVALSHA runs again): a second run changes nothing
+(tests/integration/test_scripts_twice.py). A NOSCRIPT (a restarted or failed-over
+Redis has no scripts) is answered by redis-py's Script, which loads the script again.
 
 Each script is atomic: it changes the record, appends the event to the job's
 list, publishes it, and, when the request's callback asked for that event,
@@ -34,9 +41,15 @@ from typing import Any, TypeVar
 import redis
 
 from api_client import keys
+from api_client.redis_conn import LOCAL, Durability
 
-TRANSITIONS = ("create", "claim", "renew", "succeed", "fail", "requeue", "cancel", "expire", "sweep")
+TRANSITIONS = ("create", "claim", "renew", "succeed", "fail", "requeue", "cancel", "expire", "sweep", "withdraw")
 SCRIPT_NAMES = (*TRANSITIONS, "progress")  # progress: not a transition, a running job's latest snapshot
+
+
+class NotReplicated(redis.ConnectionError):
+    """No replica confirmed a submit's record in time (Durability `replica`): the submit is refused
+    as unavailable, like a Redis that cannot be reached, and its record withdrawn."""
 
 
 def _load_scripts() -> dict[str, str]:
@@ -88,8 +101,9 @@ class JobStore:
     """
 
     def __init__(self, client: redis.Redis | redis.RedisCluster, *, worker_id: str = "", lease_s: float = 60,
-                 max_crashes: int = 3):
+                 max_crashes: int = 3, durability: Durability = LOCAL):
         self.redis = client
+        self.durability = durability
         self.worker_id = worker_id
         self.lease_s = lease_s
         self.max_crashes = max_crashes
@@ -124,8 +138,61 @@ class JobStore:
         """`job_id` is the job that holds the request: this one, or the earlier one of a repeated key.
 
         Idempotency keys are per tenant: another tenant's same key is another job."""
-        created, jid = self._create(job_id, request_json, now, priority, deadline, idempotency_key, tenant, batch_id)
+        if not self.durability.waits:
+            created, jid = self._create(job_id, request_json, now, priority, deadline, idempotency_key, tenant,
+                                        batch_id)
+            return Transition(job_id=as_text(jid), done=bool(created), state="queued")
+        pipe = self.redis.pipeline(transaction=False)  # WAIT counts this connection's writes: one connection
+        self._create(job_id, request_json, now, priority, deadline, idempotency_key, tenant, batch_id, pipe=pipe)
+        pipe.wait(self.durability.replicas, self.durability.timeout_ms)
+        try:
+            (created, jid), acked = pipe.execute()
+        except redis.ResponseError as exc:
+            self._demoted(exc)
+            self.withdraw(job_id, idempotency_key, tenant)
+            raise NotReplicated("the primary was demoted under this submit (a failover)") from exc
+        if int(acked) < self.durability.replicas:
+            if created:
+                self.withdraw(job_id, idempotency_key, tenant)
+            raise NotReplicated(f"{acked} of {self.durability.replicas} replicas confirmed the job's record "
+                                f"within {self.durability.timeout_ms} ms")
         return Transition(job_id=as_text(jid), done=bool(created), state="queued")
+
+    def write_durably(self, *writes: tuple[str, tuple[Any, ...]]) -> None:
+        """Run `writes` ((client method, args)) in one round trip on one connection; with durability
+        `replica`, then WAIT: NotReplicated if too few replicas have them (and so all written before)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for method, args in writes:
+            getattr(pipe, method)(*args)
+        if not self.durability.waits:
+            pipe.execute()
+            return
+        pipe.wait(self.durability.replicas, self.durability.timeout_ms)
+        try:
+            acked = pipe.execute()[-1]
+        except redis.ResponseError as exc:
+            self._demoted(exc)
+            raise NotReplicated("the primary was demoted under these writes (a failover)") from exc
+        if int(acked) < self.durability.replicas:
+            raise NotReplicated(f"{acked} of {self.durability.replicas} replicas confirmed the writes "
+                                f"within {self.durability.timeout_ms} ms")
+
+    def _demoted(self, exc: redis.ResponseError) -> None:
+        """WAIT on a node that became a replica (a failover between connect and WAIT): drop the pool's
+        connections, so the next command asks for the primary again; anything else is raised."""
+        if "WAIT cannot be used with replica" not in str(exc):
+            raise exc
+        pool = getattr(self.redis, "connection_pool", None)  # a RedisCluster has one per node
+        if pool is not None:
+            pool.disconnect()
+
+    def withdraw(self, job_id: str, idempotency_key: str | None = None, tenant: str = keys.INTERNAL_TENANT) -> bool:
+        """Delete a refused submit's record if nobody started it; False if it could not (then it may run)."""
+        scoped = f"{tenant}/{idempotency_key}" if idempotency_key else "-"
+        try:
+            return bool(self.run("withdraw", job_id, extra_keys=(keys.idempotency(scoped, keys.shard_of(job_id)),)))
+        except redis.RedisError:
+            return False
 
     def create_many(self, jobs: list[tuple[str, str]], *, now: float, priority: int, tenant: str,
                     batch_id: str) -> list[Transition]:
@@ -226,9 +293,13 @@ class JobStore:
                 delay, retried = min(2.0, delay * 2), True
 
     # ---- the sweeper -------------------------------------------------------
-    def sweep(self, *, resend_after_s: float, limit: int = 200) -> list[Transition]:
+    def sweep(self, *, resend_after_s: float, limit: int = 200,
+              present: Callable[[set[str]], set[str]] | None = None) -> list[Transition]:
         """Requeue or poison jobs whose lease ran out, expire late queued jobs, and flag queued
-        jobs whose message may be lost (outcome "resend"). Returns what changed."""
+        jobs whose message may be lost (outcome "resend"): queued for `resend_after_s` or more,
+        and, with `present` (api_client/broker_scan.py), not among the ids it finds in the broker;
+        those it finds are marked seen now, so each is looked for again `resend_after_s` later.
+        Returns what changed."""
         now = time.time()
         pipe = self.redis.pipeline(transaction=False)
         for shard in keys.all_shards():
@@ -236,7 +307,17 @@ class JobStore:
             pipe.zrangebyscore(shard.queued, "-inf", now - resend_after_s, start=0, num=limit)
             pipe.zrangebyscore(shard.deadlines, "-inf", now, start=0, num=limit)
         replies = pipe.execute()  # per shard: late leases, stale queued, passed deadlines
-        late = {as_text(j) for i, ids in enumerate(replies) if i % 3 != 2 for j in ids}
+        late = {as_text(j) for i, ids in enumerate(replies) if i % 3 == 0 for j in ids}
+        stale = {as_text(j) for i, ids in enumerate(replies) if i % 3 == 1 for j in ids} - late
+        if present is not None and stale:
+            waiting = present(stale)
+            if waiting:
+                seen = self.redis.pipeline(transaction=False)
+                for job_id in waiting:  # XX: not if it left the index meanwhile
+                    seen.zadd(keys.JobKeys.of(job_id).shard.queued, {job_id: now}, xx=True)
+                seen.execute()
+            stale -= waiting
+        late |= stale
         expired, changed = {as_text(j) for i, ids in enumerate(replies) if i % 3 == 2 for j in ids}, []
         for job_id in sorted(expired):
             done, state, owed = self.run("expire", job_id, repr(now))

@@ -14,7 +14,9 @@ Nothing is lost or run twice across a release. take.lua marks what it moved "tak
 sent" (score: minus the time) in the tenant's slot, atomically with the pop; the releaser
 marks it sent once the messages went. A releaser killed in between leaves the marks, and a
 later round (any worker's) sends those jobs after `resend_taken_s`. A released job whose
-message is lost later is sent again after `resend_sent_s`. A duplicate message is harmless:
+message is lost later (a Redis crash, a failover) is sent again once it has been in the lane
+`resend_sent_s` with no message in the broker (`present`, api_client/broker_scan.py; one
+still waiting is marked seen, and looked for again `resend_sent_s` later). A duplicate message is harmless:
 the fenced claim (lua/claim.lua) runs a job once.
 """
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import time
 from importlib import resources
+from collections.abc import Callable
 from itertools import zip_longest
 from typing import Any
 
@@ -35,12 +38,14 @@ FORGET_TENANT_AFTER_S = 60.0  # a tenant leaves the round this long after its la
 
 class Lanes:
     def __init__(self, client: Any, dispatch: Dispatcher | None = None, *, lane_jobs: int = 16,
-                 resend_taken_s: float = 5.0, resend_sent_s: float = 3600.0):
+                 resend_taken_s: float = 5.0, resend_sent_s: float = 3600.0,
+                 present: Callable[[set[str]], set[str]] | None = None):
         self.redis = client
         self.dispatch = dispatch  # the releaser's; the API only pushes
         self.lane_jobs = lane_jobs
         self.resend_taken_s = resend_taken_s
         self.resend_sent_s = resend_sent_s
+        self.present = present
         self._take = client.register_script(_TAKE)
         self._turn = 0
 
@@ -107,13 +112,21 @@ class Lanes:
         for _, job_id, _ in members:
             pipe.hget(keys.job(job_id), "state")
         states = [as_text(s) for s in pipe.execute()]
-        pipe, resend = self.redis.pipeline(transaction=False), []
+        pipe, resend, sent_long_ago = self.redis.pipeline(transaction=False), [], []
         for (tenant, job_id, score), state in zip(members, states, strict=True):
             lane = keys.TenantKeys.of(tenant).lane
             if state != "queued":
                 pipe.zrem(lane, job_id)  # claimed, ended or gone
-            elif (score < 0 and -score < now - self.resend_taken_s) or 0 < score < now - self.resend_sent_s:
-                resend.append((tenant, job_id))  # taken by a releaser that died before sending, or its message was lost
+            elif score < 0 and -score < now - self.resend_taken_s:
+                resend.append((tenant, job_id))  # taken by a releaser that died before sending
+            elif 0 < score < now - self.resend_sent_s:
+                sent_long_ago.append((tenant, job_id))  # its message may be lost
+        waiting = self.present({j for _, j in sent_long_ago}) if self.present and sent_long_ago else set()
+        for tenant, job_id in sent_long_ago:
+            if job_id in waiting:
+                pipe.zadd(keys.TenantKeys.of(tenant).lane, {job_id: now}, xx=True)  # seen in the broker now
+            else:
+                resend.append((tenant, job_id))
         pipe.execute()
         return resend
 

@@ -29,6 +29,9 @@ from kombu import Exchange, Queue
 from api_client import keys
 from api_client.dispatch import Dispatcher
 from api_client.jobstate import JobStore
+from api_client.redis_conn import broker_options, broker_url, sync_client
+from worker.io.broker import register as register_broker_transports
+from worker.io.broker import transport_for
 from worker.ops.metrics import Metrics
 from worker.jobs.pipeline import process_job
 from worker.runtime import WorkerRuntime
@@ -40,8 +43,11 @@ log = structlog.get_logger(__name__)
 def create_app(settings: Settings) -> Celery:
     if not settings.redis_url:
         raise ValueError("settings.redis_url is required (the CLI starts an embedded Redis when unset)")
-    app = Celery("internvl-queue", broker=settings.redis_url, set_as_current=False)
+    broker = broker_url(settings.redis_url)
+    register_broker_transports()
+    app = Celery("internvl-queue", broker=broker, set_as_current=False)
     app.conf.update(
+        broker_transport=transport_for(broker),  # worker/io/broker.py: a lost Redis must not end the worker
         task_serializer="json",
         accept_content=["json"],
         result_serializer="json",
@@ -62,8 +68,10 @@ def create_app(settings: Settings) -> Celery:
         # every 100 s (interval 10 x throttle 10): a callback message a killed worker had
         # taken is re-delivered soon after the visibility timeout, not minutes later.
         broker_transport_options={**keys.broker_transport_options(settings.visibility_timeout_s),
-                                  "unacked_restore_throttle": 1},
+                                  "unacked_restore_throttle": 1, **broker_options(settings.redis_url)},
         broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,  # through any outage: a worker that exits crash-loops a failover
+        broker_channel_error_retry=True,  # READONLY from a demoted primary: reconnect (celery#7946)
         worker_send_task_events=settings.task_events,
         task_send_sent_event=settings.task_events,
         worker_hijack_root_logger=False,
@@ -122,8 +130,7 @@ def _register_tasks(app: Celery) -> None:
 
 def _redis(app: Celery) -> redis.Redis:
     if app.ivq_redis is None:
-        app.ivq_redis = redis.Redis.from_url(app.ivq_settings.redis_url, socket_timeout=30,
-                                             socket_connect_timeout=5, health_check_interval=30)
+        app.ivq_redis = sync_client(app.ivq_settings.redis_url, socket_timeout=30, retries=10)
     return app.ivq_redis
 
 

@@ -1,6 +1,7 @@
 """WorkerRuntime: one worker process's long-lived pieces and their lifecycle.
 
-Start (fail fast, like TGI): connect Redis, open the store, start the
+Start (fail fast, like TGI, on what cannot fix itself): wait for Redis (with backoff, not
+ready: a failover ends by itself), open the store, start the
 preprocessing processes (worker/jobs/prep_pool.py; they load the processor
 while this process loads the model), load the model, warm up at the largest
 batch, start the one model thread (worker/model/thread.py), wait for the
@@ -26,7 +27,9 @@ import structlog
 from api_client import keys
 from api_client.dispatch import Dispatcher
 from api_client.jobstate import JobStore
+from api_client.broker_scan import messages_present
 from api_client.lanes import Lanes
+from api_client.redis_conn import sync_client
 from worker.ops.health import Health, ObservabilityServer
 from api_client.schema import CallbackSpec
 from worker.http.batch_store import Batches
@@ -65,17 +68,14 @@ class WorkerRuntime:
         self.metrics = metrics or Metrics()
         if not settings.redis_url:
             raise ValueError("settings.redis_url is required (the CLI starts an embedded Redis when unset)")
-        self.redis = redis.Redis.from_url(
-            settings.redis_url, socket_timeout=30, socket_connect_timeout=5, health_check_interval=30,
-            retry_on_timeout=True,
-        )
+        self.redis = sync_client(settings.redis_url, socket_timeout=30, retries=10)
         self.jobs = JobStore(self.redis, worker_id=self.worker_id, lease_s=settings.lease_s,
                              max_crashes=settings.max_crashes)
         self.held = HeldClaims(self.jobs)
         self.batches = Batches(self.redis)
         self.lanes = Lanes(self.redis, dispatch, lane_jobs=settings.batch_lane_jobs,
                            resend_taken_s=settings.batch_resend_taken_s,
-                           resend_sent_s=settings.visibility_timeout_s)
+                           resend_sent_s=settings.resend_lost_after_s, present=self._messages_present)
         self.store = open_store(
             settings.resolved_store_url, s3_endpoint_url=settings.s3_endpoint_url,
             allowed_file_root=settings.resolved_file_root, s3_allowed_buckets=settings.s3_allowed_buckets,
@@ -94,22 +94,40 @@ class WorkerRuntime:
     # ---- lifecycle ---------------------------------------------------------
     def start(self) -> WorkerRuntime:
         t0 = time.perf_counter()
-        self.redis.ping()
+        self.wait_for_redis()
         if self.load_model:
             self.ctx = self._load()
         self.metrics.model_loaded(time.perf_counter() - t0)
         for name, every, work in (("lease-renewer", max(0.2, self.settings.lease_s / 3), self.held.renew_all),
                                   ("cancel-watcher", self.settings.cancel_poll_s, self.held.flag_lost),
-                                  ("sweeper", max(0.5, self.settings.lease_s / 2), self._sweep_and_beat),
+                                  ("sweeper", self.settings.sweep_interval_s, self._sweep_and_beat),
                                   ("batch-releaser", self.settings.batch_release_s, self._release)):
             t = threading.Thread(target=self._every, args=(every, work), name=name, daemon=True)
             t.start()
             self._threads.append(t)
         self.health.mark_ready(has_model=self.model_thread is not None, warmed_up=self.settings.warmup)
-        self.heartbeat()
+        try:
+            self.heartbeat()
+        except redis.RedisError as exc:  # Redis went away during the load: the sweeper beats again
+            log.warning("worker.heartbeat_failed", error=str(exc))
         log.info("worker.ready", worker_id=self.worker_id, startup_s=round(time.perf_counter() - t0, 3),
                  model=self.settings.model, max_batch_size=self.settings.max_batch_size)
         return self
+
+    def wait_for_redis(self, max_delay_s: float = 5.0) -> None:
+        """Wait (backoff to `max_delay_s`) until Redis answers: during a failover or an outage a
+        starting worker waits, not ready, instead of exiting into a crash loop. SIGTERM ends the wait."""
+        delay, since = 0.2, time.monotonic()
+        while True:
+            try:
+                self.redis.ping()
+                return
+            except redis.RedisError as exc:
+                log.warning("worker.redis_unreachable", error=str(exc), waited_s=round(time.monotonic() - since, 1),
+                            retry_in_s=delay)
+            if self._stop.wait(delay):
+                raise RuntimeError("stopped while waiting for Redis")
+            delay = min(max_delay_s, delay * 2)
 
     def _load(self) -> JobContext:
         from model_runtime.loading import load_runtime, resolve_model_path
@@ -203,7 +221,7 @@ class WorkerRuntime:
 
     def sweep_once(self) -> None:
         """Repair what dead workers and lost messages left: every worker runs this."""
-        changed = self.jobs.sweep(resend_after_s=self.settings.visibility_timeout_s)
+        changed = self.jobs.sweep(resend_after_s=self.settings.resend_lost_after_s, present=self._messages_present)
         for t in changed:
             if t.outcome in ("requeued", "resend"):
                 self.dispatch.run_job(t.job_id, t.priority)
@@ -214,6 +232,10 @@ class WorkerRuntime:
         if changed or owed:
             count = {o: sum(t.outcome == o for t in changed) for o in ("requeued", "poisoned", "expired", "resend")}
             log.info("sweep.done", **count, notifies_resent=owed)
+
+    def _messages_present(self, job_ids: set[str]) -> set[str]:
+        """The jobs among these whose message is still in the broker (api_client/broker_scan.py)."""
+        return messages_present(self.redis, job_ids, fresh_s=self.settings.resend_lost_after_s)
 
     def resend_lost_notifies(self, limit: int = 200) -> int:
         """Send again the notify of any event whose callback is still owed after a while."""

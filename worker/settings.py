@@ -15,6 +15,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 if TYPE_CHECKING:
+    from api_client.redis_conn import Durability
     from model_runtime.media import MediaLimits
 
 
@@ -33,8 +34,14 @@ def usable_cpus() -> int:
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="IVQ_", extra="ignore")
 
-    # Where things are. No redis_url means "start an embedded redis-server".
+    # Where things are. No redis_url means "start an embedded redis-server". redis:// or
+    # redis+sentinel://[user:password@]host:port[,host:port...]/SERVICE[/DB] (api_client/redis_conn.py).
     redis_url: str | None = None
+    # A submit is acknowledged once its record is this durable: "replica" WAITs for a replica (at most
+    # redis_wait_timeout_ms, else 503 / BrokerUnavailable), "local" does not. None: replica for a
+    # Sentinel URL, local otherwise.
+    redis_durability: Literal["local", "replica"] | None = None
+    redis_wait_timeout_ms: int = Field(default=1000, ge=1)
     data_dir: Path = Path(".ivq-data")
     store_url: str | None = None  # s3://bucket/prefix or file:///dir; default file://{data_dir}/store
     s3_endpoint_url: str | None = None
@@ -90,6 +97,10 @@ class Settings(BaseSettings):
 
     # Reliability (issue: lifecycle). visibility_timeout_s must exceed the longest job.
     visibility_timeout_s: int = 3600
+    # A queued job whose Celery message is gone (lost in a Redis crash or with an old primary) is sent
+    # again from its record this long after it was queued or last seen in the broker; the sweeper runs
+    # every min(lease_s, resend_lost_after_s) / 2, so the bound is 1.5 x this (45 s by default).
+    resend_lost_after_s: float = Field(default=30.0, gt=0)
     lease_s: int = 60
     max_attempts: int = 3
     # Deliveries that killed a worker before a job is "poison". Jobs batched beside a
@@ -154,6 +165,17 @@ class Settings(BaseSettings):
         if self.lease_s < 1:
             raise ValueError("IVQ_LEASE_S must be at least 1 second")
         return self
+
+    def durability(self) -> Durability:
+        """The submit durability for this deployment (api_client/redis_conn.py)."""
+        from api_client.redis_conn import default_durability
+
+        return default_durability(self.redis_url or "redis://", self.redis_durability,
+                                  timeout_ms=self.redis_wait_timeout_ms)
+
+    @property
+    def sweep_interval_s(self) -> float:
+        return max(0.5, min(self.lease_s, self.resend_lost_after_s) / 2)
 
     def media_limits(self) -> MediaLimits:
         """The media limits for model_runtime's decoders, every field named here."""

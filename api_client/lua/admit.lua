@@ -1,6 +1,7 @@
 -- admit: see api_client/quotas.py. KEYS: 1 the tenant's active set, 2 its token bucket.
 -- ARGV: job_id, now, max_active, rate_per_s, burst
 -- Returns {1} when admitted, else {0, code, retry_after_s}. Nothing is taken when refused.
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return {1} end  -- run twice: already admitted
 local now, rate, burst = tonumber(ARGV[2]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local b = redis.call('HMGET', KEYS[2], 'tokens', 'at')
 local tokens = tonumber(b[1] or burst)

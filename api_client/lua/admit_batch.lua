@@ -1,6 +1,7 @@
 -- admit_batch: see api_client/quotas.py. KEYS: 1 the tenant's batch token bucket, 2 its held hash.
 -- ARGV: batch_id, now, jobs, bytes, max_jobs, max_bytes, rate_per_s, burst
 -- Returns {1} when admitted, else {0, code, retry_after_s}. Nothing is taken when refused.
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return {1} end  -- run twice: already admitted
 local now, rate, burst = tonumber(ARGV[2]), tonumber(ARGV[7]), tonumber(ARGV[8])
 local jobs, bytes = tonumber(ARGV[3]), tonumber(ARGV[4])
 local b = redis.call('HMGET', KEYS[1], 'tokens', 'at')

@@ -4,6 +4,9 @@ local st = redis.call('HMGET', KEYS[1], 'state', 'lease_until', 'deadline', 'att
                       'priority', 'tenant', 'batch_id')
 if not st[1] then return {'missing', 0, ''} end
 if st[1] ~= 'queued' and st[1] ~= 'running' then return {'terminal', 0, ''} end
+if st[1] == 'running' and redis.call('HGET', KEYS[1], 'claim') == ARGV[3] then  -- run twice: this claim is ours
+  return {'claimed', tonumber(st[4]), '', st[5], st[6] or '', st[7] or '', st[8] or ''}
+end
 local now = tonumber(ARGV[4])
 if st[1] == 'running' then
   if tonumber(st[2] or '0') > now then return {'busy', 0, ''} end

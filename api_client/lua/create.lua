@@ -1,6 +1,8 @@
 -- create: see api_client/jobstate.py. ARGV: job_id, now, request, priority, deadline, ttl, use_idempotency, idempotency_ttl,
 -- tenant, batch_id ('' for none). A batch's job is not indexed as queued: it waits in its tenant's
 -- backlog (api_client/lanes.py), and the lane, not the sweeper, re-sends its message if one is lost.
+-- Run twice (a retried EVALSHA): the id is fresh, so a record under it is this submit's own.
+if redis.call('EXISTS', KEYS[1]) == 1 then return {1, ARGV[1]} end
 if ARGV[7] == '1' then
   local existing = redis.call('GET', KEYS[10])
   if existing then return {0, existing} end

@@ -95,12 +95,51 @@ def test_no_credential_literals_except_marked_dev_defaults(compose):
             if CREDENTIAL.search(key) or CREDENTIAL.search(str(value)):
                 checked += 1
                 refs = re.findall(r"\$\{[^}]*\}\}?", str(value))
-                assert refs and all(DEV_DEFAULT.fullmatch(r) for r in refs), f"{name}.{key}={value!r}"
+                # Every credential is a dev default; a host or a scheme around it may be any variable.
+                assert any(DEV_DEFAULT.fullmatch(r) for r in refs), f"{name}.{key}={value!r}"
+                assert all(DEV_DEFAULT.fullmatch(r) or not _is_secret(r) for r in refs), f"{name}.{key}={value!r}"
         for arg in svc.get("command", []) if isinstance(svc.get("command"), list) else []:
-            if arg.startswith("${"):
+            if arg.startswith("${") and _is_secret(arg):
                 assert DEV_DEFAULT.fullmatch(arg), f"{name} command literal {arg!r}"
     assert checked >= 5
     assert "DEV-ONLY" in (DOCKER / "compose.yaml").read_text()
+
+
+def _is_secret(ref: str) -> bool:
+    """A ${VAR...} reference to a credential (a password, a key; not a host or a scheme)."""
+    return bool(CREDENTIAL.search(ref.split(":-")[0]))
+
+
+def test_profile_failover_runs_a_primary_a_replica_and_three_sentinels(compose):
+    from api_client.redis_conn import broker_url, parse_url
+
+    s = compose["services"]
+    failover = {n for n, svc in s.items() if "failover" in svc.get("profiles", [])}
+    assert failover == {"redis-replica", "sentinel-1", "sentinel-2", "sentinel-3"}
+    replica = s["redis-replica"]["command"]
+    assert replica[replica.index("--replicaof") + 1:replica.index("--replicaof") + 3] == ["redis", "6379"]
+    for node in ("redis", "redis-replica"):  # either may be the primary after a failover
+        cmd = s[node]["command"]
+        for flag in ("--masterauth", "--requirepass", "--min-replicas-to-write", "--appendonly"):
+            assert flag in cmd, (node, flag)
+    sentinels = [s[f"sentinel-{i}"]["command"][0] for i in (1, 2, 3)]
+    assert all(c == sentinels[0] for c in sentinels)
+    assert "'sentinel monitor ivq redis 6379 2'" in sentinels[0] and "--sentinel" in sentinels[0]
+    assert "sentinel auth-pass ivq" in sentinels[0] and "requirepass" in sentinels[0]
+    # The URL every service gets, with the variables the header documents for this profile.
+    url = _env(s["api"])["IVQ_REDIS_URL"]
+    sentinels = "sentinel-1:26379,sentinel-2:26379,sentinel-3:26379/ivq/0"
+    filled = (url.replace("${IVQ_REDIS_SCHEME:-redis}", "redis+sentinel")
+              .replace("${REDIS_PASSWORD:-dev-only-redis-password}", "pw")
+              .replace("${IVQ_REDIS_ADDRESS:-redis:6379/0}", sentinels))
+    target = parse_url(filled)
+    assert (target.service, target.password, len(target.sentinels)) == ("ivq", "pw", 3)
+    assert broker_url(filled).count("sentinel://:pw@") == 3
+    assert "IVQ_REDIS_SCHEME=redis+sentinel IVQ_REDIS_ADDRESS=sentinel-1:26379" in (DOCKER / "compose.yaml").read_text()
+    plain = (url.replace("${IVQ_REDIS_SCHEME:-redis}", "redis")
+             .replace("${REDIS_PASSWORD:-dev-only-redis-password}", "pw")
+             .replace("${IVQ_REDIS_ADDRESS:-redis:6379/0}", "redis:6379/0"))
+    assert plain == "redis://:pw@redis:6379/0"  # without the variables: the single Redis, as before
 
 
 def test_production_like_pieces(compose):

@@ -21,6 +21,7 @@ import psutil
 import redis
 
 from api_client import keys
+from api_client.redis_conn import sync_client
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 AWS_TEST_ENV = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -100,7 +101,7 @@ class WorkerProc:
 
     def wait_ready(self, redis_url: str, timeout: float = 120.0) -> float:
         """Block until the heartbeat appears; returns seconds since start."""
-        r = redis.Redis.from_url(redis_url, socket_timeout=5)
+        r = sync_client(redis_url, socket_timeout=5, retries=0)  # redis:// or redis+sentinel://
         try:
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:

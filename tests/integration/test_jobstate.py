@@ -191,13 +191,15 @@ def _exercise(jobs: JobStore) -> dict[str, list[str]]:
     time.sleep(0.1)
     jobs.sweep(resend_after_s=0.0)
     jobs.run("sweep", a, repr(time.time()), 2, repr(time.time()))
+    f = _create(jobs, idempotency_key="k-2")
+    assert jobs.withdraw(f, "k-2") and not jobs.exists(f)  # a refused submit's record goes
     return {j: [*keys.JobKeys.of(j).as_list(), keys.waiting_key(j, jobs.clustered),
-                *(keys.idempotency(k, keys.shard_of(j)) for k in ("internal/k-1", "-"))]
-            for j in (a, b, c, d, e)}
+                *(keys.idempotency(k, keys.shard_of(j)) for k in ("internal/k-1", "internal/k-2", "-"))]
+            for j in (a, b, c, d, e, f)}
 
 
 _ONE_KEY_COMMANDS = {"HSET", "HGET", "HMGET", "HDEL", "HINCRBY", "RPUSH", "EXPIRE", "ZADD", "ZREM", "ZSCORE",
-                     "GET", "SET", "PUBLISH", "ZREMRANGEBYSCORE"}
+                     "GET", "SET", "PUBLISH", "ZREMRANGEBYSCORE", "EXISTS", "DEL"}
 
 
 def _monitor(port: int, stop: threading.Event, lines: list[str]) -> None:
@@ -235,7 +237,7 @@ def test_every_script_touches_only_the_keys_it_is_given(jobs, redis_server):
     strays = {args[1] for args in from_lua if args[1] not in allowed}
     assert not strays, strays
     assert set(SCRIPTS) == {"create", "claim", "renew", "succeed", "fail", "requeue", "cancel", "expire", "sweep",
-                            "progress"}
+                            "progress", "withdraw"}
 
 
 def test_every_script_runs_on_a_redis_cluster(tmp_path):
@@ -247,7 +249,8 @@ def test_every_script_runs_on_a_redis_cluster(tmp_path):
         slots = {client.keyslot(k) for ks in given.values() for k in ks[:7]}
         assert len(slots) > 1  # the jobs really are spread over slots (and nodes)
         states = {j: jobs.state(j) for j in given}
-        assert sorted(states.values()) == ["cancelled", "failed", "failed", "failed", "succeeded"], states
+        assert sorted(s or "" for s in states.values()) == ["", "cancelled", "failed", "failed", "failed",
+                                                            "succeeded"], states
         owed = jobs.owed_callbacks(older_than_s=0.0)
         assert {event for _, event in owed} == {"running", "succeeded"}
         assert jobs.lost([jobs.claim(_create(jobs)).claim]) == []

@@ -252,7 +252,7 @@ API_REFUSED = [
     ("HGETALL", "ivq:workers"),
     ("LRANGE", "ivq:callbacks:dead", 0, -1),  # webhook payloads
     ("BRPOP", "infer", 1),  # taking a job off the queue
-    ("DEL", "{ivq:0}:job:x"),
+    ("DEL", "unacked"),  # it may delete a job record (a withdrawn submit), never the broker's bookkeeping
     ("PUBLISH", "/0.celery.pidbox", "x"),  # the workers' remote control
     ("SUBSCRIBE", "/0.celery.pidbox"),
     ("PUBLISH", "/0.celeryev/worker.heartbeat", "x"),  # fake task events

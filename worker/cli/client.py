@@ -141,15 +141,14 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_callbacks(args: argparse.Namespace) -> int:
-    import redis
-
     from api_client.dispatch import Dispatcher, producer_app
+    from api_client.redis_conn import sync_client
     from worker.jobs.callbacks import list_dead, take_dead
 
     url = args.redis_url or os.environ.get("IVQ_REDIS_URL")
     if not url:
         sys.exit("error: pass --redis-url or set IVQ_REDIS_URL")
-    r = redis.Redis.from_url(url)
+    r = sync_client(url)
     if args.action == "dead":
         entries = list_dead(r, limit=args.limit)
         for e in entries:

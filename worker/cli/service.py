@@ -72,13 +72,14 @@ def cmd_api(args: argparse.Namespace) -> int:
                        s3_allowed_buckets=settings.s3_allowed_buckets)  # batch results; it reads no media
     batches = BatchRoutes(store, max_body_bytes=settings.api_max_batch_bytes,
                           allowed_buckets=tuple(settings.s3_allowed_buckets))
-    import redis
+    from api_client.redis_conn import sync_client
 
-    with redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5) as probe:
+    with sync_client(settings.redis_url) as probe:
         memory = redis_memory_bytes(probe, settings.api_redis_memory_bytes)
     defaults = default_limits(memory, settings.api_tenant_redis_share)
     app = create_api(settings.redis_url, TenantRegistry(settings.api_keys_file, defaults=defaults), batches=batches,
-                     redis_connections=settings.api_redis_connections, served_model=settings.model)
+                     redis_connections=settings.api_redis_connections, served_model=settings.model,
+                     durability=settings.durability())
     uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=False, proxy_headers=True)
     return 0
 

@@ -29,7 +29,6 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import redis
-import redis.asyncio as aioredis
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -41,6 +40,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from api_client.client import JobClient
 from api_client.counters import Counters
 from api_client.errors import (
+    BrokerUnavailable,
     Conflict,
     JobNotFound,
     QuotaExceeded,
@@ -49,6 +49,7 @@ from api_client.errors import (
     ServiceError,
 )
 from api_client.lanes import Lanes
+from api_client.redis_conn import Durability, async_client
 from api_client.schema import MAX_REQUEST_BYTES, ErrorCode, JobRequest, JobResult, JobStatus
 from worker.http.batch_routes import BatchRoutes
 from worker.http.events import KEEPALIVE_S, Fanout, event_stream
@@ -95,15 +96,15 @@ class ApiMetrics:
 
 
 def create_api(redis_url: str, tenants: TenantRegistry, *, batches: BatchRoutes | None = None,
-               redis_connections: int = 16, served_model: str = "tiny") -> FastAPI:
+               redis_connections: int = 16, served_model: str = "tiny",
+               durability: Durability | str | None = None) -> FastAPI:
     """The ASGI app. `batches` (worker/http/batch_routes.py, it needs the object store) adds the batch
     routes, native and OpenAI's, and /v1/files; with it, chat completions take data: URLs (stored there).
     `redis_connections` bounds the event streams' pool (one more is the shared pub/sub).
-    `served_model` is the model the workers serve (IVQ_MODEL): the OpenAI routes' `model`."""
-    client = JobClient(redis_url)
-    pool = aioredis.BlockingConnectionPool.from_url(redis_url, max_connections=redis_connections, timeout=30,
-                                                    socket_connect_timeout=5)
-    aio = aioredis.Redis(connection_pool=pool)  # the event streams' reads
+    `served_model` is the model the workers serve (IVQ_MODEL): the OpenAI routes' `model`.
+    `durability`: as JobClient's (a submit, a batch included, is acknowledged once that durable; else 503)."""
+    client = JobClient(redis_url, durability=durability)
+    aio = async_client(redis_url, max_connections=redis_connections)  # the event streams' reads
     fanout = Fanout(redis_url)  # their one pub/sub connection
     metrics = ApiMetrics()
     app = FastAPI(title="internvl-queue", version="1",
@@ -156,8 +157,7 @@ def create_api(redis_url: str, tenants: TenantRegistry, *, batches: BatchRoutes 
 
     @app.exception_handler(redis.RedisError)
     async def _redis_down(request: Request, exc: redis.RedisError) -> JSONResponse:
-        return respond(request, ServiceError(f"Redis unreachable: {type(exc).__name__}",
-                                             code=ErrorCode.broker_unavailable))
+        return respond(request, BrokerUnavailable(f"Redis unreachable: {type(exc).__name__}"))
 
     @app.middleware("http")
     async def _count(request: Request, call_next: Any) -> Response:

@@ -36,7 +36,7 @@ from api_client.counters import Counters
 from api_client.errors import JobNotFound, RequestRejected
 from api_client.lanes import Lanes
 from api_client.quotas import Quotas
-from api_client.jobstate import as_text
+from api_client.jobstate import NotReplicated, as_text
 from api_client.schema import CallbackSpec, JobRequest
 
 log = structlog.get_logger(__name__)
@@ -139,11 +139,30 @@ class Batches:
             if len(rows) >= CHUNK:
                 self._submit(k, tenant, batch_id, rows)
         self._submit(k, tenant, batch_id, rows)
-        self.redis.hset(k.record, "state", "in_progress")
-        self.redis.zadd(keys.OPEN_BATCHES, {batch_id: time.time()})
-        self.redis.expire(keys.OPEN_BATCHES, keys.JOB_TTL_S)
+        try:  # acknowledged once these, and so every write before them, are as durable as configured
+            self.client.jobs.write_durably(("hset", (k.record, "state", "in_progress")),
+                                           ("zadd", (keys.OPEN_BATCHES, {batch_id: time.time()})),
+                                           ("expire", (keys.OPEN_BATCHES, keys.JOB_TTL_S)))
+        except NotReplicated:
+            self.withdraw(batch_id)
+            raise
         self.lanes.release_once([tenant])  # the first lane now: KEDA counts the broker's lists, not backlogs
         return batch_id
+
+    def withdraw(self, batch_id: str) -> None:
+        """A batch refused after its records were written (no replica confirmed them): its jobs no worker
+        started are withdrawn, the batch record and list deleted (its id answers 404). A job a worker had
+        already started runs to its end, alone; backlog entries of withdrawn jobs are dropped at release."""
+        assert self.client is not None
+        k = keys.BatchKeys.of(batch_id)
+        try:
+            for start in range(0, int(self.redis.llen(k.jobs)), CHUNK):
+                for row in self.redis.lrange(k.jobs, start, start + CHUNK - 1):
+                    self.client.jobs.withdraw(as_text(row).split("\t")[1])
+            self.redis.zrem(keys.OPEN_BATCHES, batch_id)
+            self.redis.delete(k.record, k.jobs)
+        except redis.RedisError as exc:  # Redis went away: what is left may still run
+            log.warning("batch.withdraw_failed", batch_id=batch_id, error=str(exc))
 
     def _submit(self, k: keys.BatchKeys, tenant: str, batch_id: str, rows: list[tuple[str, str, str]]) -> None:
         """One chunk: its records in one pipelined round trip, its messages in another, then its lines."""

@@ -31,6 +31,7 @@ import redis.asyncio as aioredis
 import structlog
 
 from api_client import keys
+from api_client.redis_conn import async_client
 from api_client.schema import JobState
 
 KEEPALIVE_S = 15.0
@@ -43,7 +44,7 @@ class Fanout:
     """One pub/sub connection for every event stream of this process, fanned out in process."""
 
     def __init__(self, redis_url: str):
-        self._client = aioredis.Redis.from_url(redis_url, socket_connect_timeout=5)  # its own: the one connection
+        self._client = async_client(redis_url)  # its own: the one connection
         self.pubsub = self._client.pubsub()
         self._lock = asyncio.Lock()  # one (un)subscribe at a time: the first one opens the connection
         self._waiters: dict[str, set[asyncio.Event]] = {}

@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse
 
 from api_client.errors import QuotaExceeded, RateLimited, ServiceError
 from api_client.schema import MAX_STOP_STRINGS, ErrorCode, JobResult
+from worker.http.wire import UNAVAILABLE_RETRY_AFTER_S
 
 OPENAI_PREFIXES = ("/v1/chat/", "/v1/models", "/v1/files", "/v1/batches")
 MAX_BODY_BYTES = 24 * 1024 * 1024  # a chat completion request, data: URLs included
@@ -93,6 +94,8 @@ def error_response(exc: ServiceError, *, status: int | None = None) -> JSONRespo
         headers["x-should-retry"] = "false"  # a state conflict: asking again changes nothing
     if isinstance(exc, (RateLimited, QuotaExceeded)):
         headers["Retry-After"] = str(min(MAX_RETRY_AFTER_S, max(1, math.ceil(exc.retry_after_s))))
+    elif exc.retryable:  # Redis or the store unreachable (a failover takes seconds): try again soon
+        headers["Retry-After"] = str(UNAVAILABLE_RETRY_AFTER_S)
     if status == 401:
         headers["WWW-Authenticate"] = "Bearer"
     return JSONResponse(error_body(exc.message, status, code, param), status, headers=headers)

@@ -24,6 +24,9 @@ ERRORS_DOC = "\n".join(f"- `{code.value}`: HTTP {status}" for code, status in ST
     "\n- a body that is not JSON: HTTP 400 `invalid_request`; a body over the limit: HTTP 413 `invalid_request`")
 
 
+UNAVAILABLE_RETRY_AFTER_S = 2
+
+
 class BodyTooLarge(RequestRejected):
     pass
 
@@ -38,6 +41,8 @@ def error_response(exc: ServiceError) -> JSONResponse:
     headers = {}
     if isinstance(exc, (RateLimited, QuotaExceeded)):
         headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
+    elif exc.retryable:  # Redis or the store unreachable (a failover takes seconds): try again soon
+        headers["Retry-After"] = str(UNAVAILABLE_RETRY_AFTER_S)
     if isinstance(exc, Unauthorized):
         headers["WWW-Authenticate"] = "Bearer"
     return JSONResponse({"error": {"code": exc.code.value, "message": exc.message}}, status, headers=headers)
