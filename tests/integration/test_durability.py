@@ -92,7 +92,7 @@ def test_the_api_answers_503_with_retry_after_for_a_refused_submit_or_batch_and_
         replica.pause()
         try:
             refused = http.post("/v1/jobs", json=body)
-            batch = http.post("/v1/batches", content=lines, headers={"Content-Type": "application/jsonl"})
+            batch = http.post("/v1/native/batches", content=lines, headers={"Content-Type": "application/jsonl"})
         finally:
             replica.resume()
         for response in (refused, batch):
