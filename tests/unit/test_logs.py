@@ -5,6 +5,9 @@ from __future__ import annotations
 import io
 import json
 import logging
+import threading
+import time
+from collections.abc import Callable
 
 import pytest
 import structlog
@@ -84,3 +87,36 @@ def test_configure_logging_emits_json_with_context_and_redaction(log_stream) -> 
 def test_configure_logging_rejects_unknown_level(log_stream) -> None:
     with pytest.raises(ValueError):
         configure_logging("LOUD", stream=log_stream)
+
+
+class _YieldingStream(io.StringIO):
+    """A stream whose every write lets another thread run, as a pipe or a full buffer can."""
+
+    def write(self, s: str) -> int:
+        n = super().write(s)
+        time.sleep(0.0005)
+        return n
+
+
+def test_lines_from_structlog_and_the_stdlib_never_interleave() -> None:
+    """structlog's logger and the stdlib handler share the stream from different threads: each line
+    must be written whole (PrintLogger wrote a line and its newline in two writes, and a Celery line
+    landed between them, so one line held two JSON objects)."""
+    stream = _YieldingStream()
+    configure_logging("INFO", stream=stream)
+    try:
+        def emit(log: Callable[[int], None]) -> None:
+            for i in range(200):
+                log(i)
+
+        threads = [threading.Thread(target=emit, args=(lambda i: structlog.get_logger().info("from.structlog", i=i),)),
+                   threading.Thread(target=emit, args=(lambda i: logging.getLogger("celery.x").info("stdlib %d", i),))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        lines = stream.getvalue().splitlines()
+        assert len(lines) == 400
+        assert all(isinstance(json.loads(line), dict) for line in lines)
+    finally:
+        configure_logging("INFO", stream=io.StringIO())
