@@ -2,12 +2,15 @@
 
 Only the model thread calls it. Each `step()`:
 1. drops the requests that were cancelled or are past their deadline;
-2. admits waiting requests while there is room: `max_batch_size` rows and a
+2. admits waiting requests, interactive ones before batch-class ones (a batch
+   file's jobs), then by arrival, while there is room: `max_batch_size` rows and a
    KV budget in tokens (`max_batch_tokens`, counted as the batch's padded
    worst case: rows × the longest prompt + max_new_tokens among them);
    while rows decode and under a quarter of the cap is free, joins are
    gathered for at most `JOIN_DEFER_STEPS` steps (one prefill, not one each)
-   (model_runtime/engine_admission.py);
+   (model_runtime/engine_admission.py). An interactive request waiting
+   behind a batch full of batch-class rows preempts the newest of them
+   (recomputed when it rejoins: its output is unchanged);
 3. runs the vision tower once over the next tiles of the joining requests
    (at most `vision_chunk_tiles` per joining request; tiles are all one
    size, so nothing pads) and splits the features back per request; tiles
@@ -101,7 +104,13 @@ class ContinuousEngine(Admission, VisionStep, MemoryPolicy):
 
     # ------------------------------------------------------------ the driver's side
     def add(self, prepared: Prepared) -> None:
-        self._waiting.append((prepared, time.monotonic()))
+        """Queue it: interactive requests before batch-class ones (`Prepared.batch_class`), then by arrival."""
+        entry = (prepared, time.monotonic())
+        if prepared.batch_class or not self._waiting or not self._waiting[-1][0].batch_class:
+            self._waiting.append(entry)
+            return
+        ahead = [e for e in self._waiting if not e[0].batch_class]
+        self._waiting = deque([*ahead, entry, *(e for e in self._waiting if e[0].batch_class)])
 
     def has_work(self) -> bool:
         return bool(self._waiting or self._joining or self._running)
