@@ -104,7 +104,8 @@ def run_reuse(loaded: Any, mix: list[tuple[Any, str]], cache_mb: float, tag: str
     finally:
         loop.stop(drain=True, timeout=60)
     s, cache = eng.stats, eng.vision_cache.snapshot()
-    return {"jobs_per_s": len(items) / seconds, "seconds": seconds, "vision_share": s.vision_seconds / s.generate_seconds,
+    return {"jobs_per_s": len(items) / seconds, "seconds": seconds,
+            "vision_share": s.vision_seconds / s.generate_seconds,
             "vision_tiles": s.vision_tiles, "tiles": sum(p.tiles for p in items), "hits": cache.hits,
             "deduped": cache.deduped, "misses": cache.misses, "token_ids": [o.token_ids for o in outs]}
 
@@ -134,7 +135,7 @@ def bench_reuse(loaded: Any, rounds: int) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- priority
 def run_priority(loaded: Any, interactive: list[Any], batch: list[Any] | None, *, gap_s: float) -> dict[str, Any]:
-    """Interactive jobs one after another (`gap_s` apart), alone or during a flood that keeps 2 x cap batch jobs held."""
+    """Interactive jobs one after another (`gap_s` apart), alone or during a flood keeping 2 x cap batch jobs held."""
     eng = engine(loaded, 256)
     loop = loop_for(eng)
     stop = threading.Event()

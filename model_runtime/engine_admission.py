@@ -7,9 +7,11 @@
   jobs), then by arrival; a request over the budget even alone ends
   `TooLargeForGPU` before it touches the model.
 - `_preempt_for_interactive`: an interactive request that heads the queue and
-  finds no room takes it from the newest running batch-class rows, through the
-  out-of-memory path's `_preempt` (model_runtime/engine_memory.py): the row is
-  recomputed from scratch when it rejoins, so its output is unchanged.
+  finds no room takes it from batch-class requests: the newest joining one goes
+  back to the queue (its tiles stay in the vision cache), else the newest
+  running one is preempted through the out-of-memory path's `_preempt`
+  (model_runtime/engine_memory.py): recomputed from scratch when it rejoins, so
+  its output is unchanged.
 - `_defer_join`: while rows decode and under a quarter of the cap is free,
   joins are gathered for at most `JOIN_DEFER_STEPS` steps (one prefill, not one each),
   or until the rows about to reach their max_new_tokens (within `JOIN_WAVE_STEPS`) have;
@@ -96,19 +98,29 @@ class Admission:
             self._joining.append(Joining(row))
 
     def _interactive_waits_behind_batch(self) -> bool:
-        """An interactive request heads the queue while batch-class rows run."""
-        return bool(self._waiting and not self._waiting[0][0].batch_class and self._running is not None
-                    and any(r.prepared.batch_class for _, r in self._running.live()))
+        """An interactive request heads the queue while batch-class requests join or run."""
+        if not self._waiting or self._waiting[0][0].batch_class:
+            return False
+        return (any(j.prepared.batch_class for j in self._joining) or self._running is not None
+                and any(r.prepared.batch_class for _, r in self._running.live()))
 
     def _preempt_for_interactive(self) -> None:
-        """While an interactive request heads the queue and finds no room (rows or KV budget), the newest running
-        batch-class row makes room: preempted, it waits first in its class and is recomputed when it rejoins."""
+        """While an interactive request heads the queue and finds no room (rows or KV budget), batch-class requests
+        make room: the newest joining one, else the newest running one (preempted, recomputed when it rejoins);
+        either waits first in its class."""
         while self._interactive_waits_behind_batch():
             head = self._waiting[0][0]
             if head.prompt_tokens + head.sampling.max_new_tokens > self.max_batch_tokens:
                 return  # too large even alone: it ends TooLargeForGPU, nobody makes room for it
             if self.active < self.max_batch_size and self._worst_case_kv(head) <= self.max_batch_tokens:
                 return  # it fits
+            joiners = [j for j in self._joining if j.prepared.batch_class]
+            if joiners:  # not decoding yet: back to the queue costs at most a partial prefill (its tiles are cached)
+                joiner = max(joiners, key=lambda j: j.row.admitted_at)
+                self._joining.remove(joiner)
+                self._waiting.appendleft((joiner.prepared, joiner.row.added_at))
+                self._waiting = deque(sorted(self._waiting, key=lambda entry: entry[0].batch_class))
+                continue
             assert self._running is not None
             index, _ = max(((i, r) for i, r in self._running.live() if r.prepared.batch_class),
                            key=lambda live: live[1].admitted_at)

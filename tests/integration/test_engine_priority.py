@@ -12,7 +12,7 @@ import dataclasses
 from model_runtime.prompts import simple_chat
 from model_runtime.types import Output, Prepared, Sampling
 from worker.model.steploop import StepLoop
-from tests.integration.test_engine_continuous import IMG, TALL, engine, media, prep, solo_tokens
+from tests.integration.test_engine_continuous import GRID, IMG, TALL, engine, media, prep, solo_tokens
 
 __all__ = ["media"]  # the module-scoped fixture, shared
 
@@ -61,6 +61,16 @@ def test_an_interactive_request_preempts_a_batch_row_whose_output_stays_the_same
     assert order[0] == "urgent"  # it did not wait for a batch row to end
     assert results["urgent"].wait_ms < min(results[b.request_id].generate_ms for b in batch[:2])
     for item in (*batch, urgent):  # the preempted row was recomputed: the same tokens
+        assert results[item.request_id].token_ids == solo_tokens(tiny_runtime, item)
+
+
+def test_a_batch_request_still_joining_goes_back_to_the_queue_before_a_running_row_is_preempted(tiny_runtime, media):
+    batch = [job(tiny_runtime, media, f"batch-{i}", priority=BATCH, tokens=8, image=GRID) for i in range(2)]
+    urgent = job(tiny_runtime, media, "urgent", priority=0, tokens=4, image=TALL)
+    eng = engine(tiny_runtime, max_batch_size=2, vision_chunk_tiles=1)  # 13 tiles: several steps of joining
+    results, order = run(eng, add_at={0: batch, 1: [urgent]})
+    assert order[0] == "urgent" and eng.stats.preempted == 0  # no decoding row lost its work
+    for item in (*batch, urgent):
         assert results[item.request_id].token_ids == solo_tokens(tiny_runtime, item)
 
 

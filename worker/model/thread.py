@@ -123,5 +123,6 @@ def _start_static(loaded: Loaded, s: Settings, *, metrics: Metrics, worker_id: s
         run_batch, max_batch_size=s.max_batch_size, max_wait_ms=s.max_wait_ms, max_batch_cost=s.max_batch_cost,
         cost=lambda p: p.cost, group_key=lambda p: p.sampling, on_loop=on_loop, name="model-thread",
         similar_cost=True,  # like-sized prompts batch together: less padding (benchmarks/BENCHMARKS.md)
+        rank=lambda p: int(p.batch_class),  # interactive jobs before a batch file's
     ).start()
     return ModelThread(engine, queue)
