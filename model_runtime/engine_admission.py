@@ -96,6 +96,9 @@ class Admission:
                       # A fresh matcher also when a preempted row is recomputed: reset, then replayed.
                       matcher=prepared.constraint.matcher() if prepared.constraint is not None else None)
             self._joining.append(Joining(row))
+            if not prepared.batch_class and any(j.prepared.batch_class for j in self._joining):
+                # Interactive joiners first: the step's vision and prefill budgets are spent in this order.
+                self._joining.sort(key=lambda j: j.prepared.batch_class)
 
     def _interactive_waits_behind_batch(self) -> bool:
         """An interactive request heads the queue while batch-class requests join or run."""
