@@ -7,7 +7,8 @@
   images (448 px JPEGs, 16 tokens each), all submitted at once, in jobs/s,
   with the vision cache on (the worker's default) and off, alternating, each
   run on a fresh engine (an empty cache). Tile digests are taken at submit,
-  as the worker's task threads do, inside the clock. The vision share is the
+  inside the clock and in this process (the worker takes them in its
+  preprocessing processes: this counts them against the cache). The vision share is the
   engine's vision time over its step time with the cache off: the ceiling.
 - priority: interactive one-image jobs arriving one after another, their
   latency (submit to result) on an idle engine and during a flood of batch

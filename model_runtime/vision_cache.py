@@ -14,8 +14,10 @@ computed once, and only the rest reach the tower.
   on that tile alone (InternVL encodes every tile and video frame separately),
   so a key per tile covers single images, multi-image prompts and video frames
   alike, and a tile two images share is computed once.
-- Keys are computed off the model thread where possible (`ensure_keys`, called
-  by the worker's task thread at submit); the engine computes any still missing.
+- Keys are computed off the model thread (`ensure_keys`: the worker calls it
+  where it prepares a job, in a preprocessing process by default, and again
+  at submit on the task thread, a no-op when set); the engine computes any
+  still missing.
 - Bounded in bytes (the features' own size; `IVQ_VISION_CACHE_MB`, 0 = off),
   least recently used evicted first. The features stay on the model's device;
   the worker takes the bound out of the KV budget (worker/model/thread.py).

@@ -90,7 +90,7 @@ def _start_continuous(loaded: Loaded, s: Settings, *, metrics: Metrics, worker_i
                  wait_ms=round(output.wait_ms, 1), generate_ms=round(output.generate_ms, 1))
         return BatchOutcome(output, batch_id, output.batch_size, output.wait_ms / 1000.0)
 
-    # Tile digests on the submitting task thread, not on the model thread.
+    # Tile digests not on the model thread: set in preparation (worker/jobs/inputs.py), else here at submit.
     before = ensure_keys if engine.vision_cache.enabled else None
     loop = StepLoop(engine, on_loop=on_loop, wrap=outcome, before_submit=before, name="model-thread")
     return ModelThread(engine, loop.start())
