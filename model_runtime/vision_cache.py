@@ -10,10 +10,10 @@ computed once, and only the rest reach the tower.
   shape (current x86 and ARM servers have SHA-256 instructions: about twice
   BLAKE2b's speed here, ~1 ms for a 600 KB tile). Any change in the pixels or
   in the preprocessing settings (tile size, normalisation, dtype) gives other
-  bytes and misses. A tile's features depend
-  on that tile alone (InternVL encodes every tile and video frame separately),
-  so a key per tile covers single images, multi-image prompts and video frames
-  alike, and a tile two images share is computed once.
+  bytes and misses. A tile's features depend on that tile alone (InternVL
+  encodes every tile and video frame separately), so a key per tile covers
+  single images, multi-image prompts and video frames alike, and a tile two
+  images share is computed once.
 - Keys are computed off the model thread (`ensure_keys`: the worker calls it
   where it prepares a job, in a preprocessing process by default, and again
   at submit on the task thread, a no-op when set); the engine computes any
