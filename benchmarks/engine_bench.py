@@ -148,9 +148,11 @@ def static_engine(loaded: Any, cap: int) -> Any:
 def continuous_engine(loaded: Any, cap: int, knobs: ContinuousKnobs) -> Any:
     from model_runtime.engine_continuous import ContinuousEngine
 
+    # The vision cache off: the mixes ask about a few images many times, and the static engine and one
+    # generate per job have no cache; reuse is measured on its own (benchmarks/reuse_bench.py).
     return ContinuousEngine(loaded, max_batch_size=cap, max_batch_tokens=knobs.max_batch_tokens,
                             prefill_chunk_tokens=knobs.prefill_chunk_tokens,
-                            vision_chunk_tiles=knobs.vision_chunk_tiles)
+                            vision_chunk_tiles=knobs.vision_chunk_tiles, vision_cache_mb=0)
 
 
 def static_batcher(engine: Any, *, cap: int, max_wait_ms: float, cost_aware: bool = True,

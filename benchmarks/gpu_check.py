@@ -19,6 +19,9 @@ It reports:
 - engine jobs/s for one-tile jobs at 16 tokens and at per-job lengths
   (log-uniform 16..256, as benchmarks/mixes.py), continuous at the worker's
   default cap and at 64 against one `generate` per job;
+- vision reuse: one-tile jobs at 16 tokens, each image asked four times or
+  once, jobs/s with the vision cache on against off, and the vision share of
+  the engine's step time (where InternViT-300M is most of a one-tile job);
 - the host path's jobs/s beside it (--host-jobs-per-s, from the host bench),
   so the output says whether the GPU or the host bounds a worker.
 
@@ -38,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.gpu_measure import (BANDWIDTH_TB_S, BATCHES, Plan, check_equality, decode_steps, engine_rates,
-                                    plan_for, random_internvl, vision_rate)
+                                    plan_for, random_internvl, vision_rate, vision_reuse)
 
 
 def _ensure_structlog() -> None:
@@ -96,6 +99,7 @@ def run(plan: Plan, host_jobs_per_s: float | None, progress: Any) -> dict[str, A
     result["decode_step"] = phase("decode_step", decode_steps, plan, model)
     result["vision"] = phase("vision", vision_rate, plan, model)
     result["engine"] = phase("engine", engine_rates, plan, model)
+    result["vision_reuse"] = phase("vision_reuse", vision_reuse, plan, model)
     result["host"] = bound(result["engine"], host_jobs_per_s)
     result["meta"]["phase_seconds"] = phases
     result["meta"]["seconds"] = round(time.perf_counter() - started, 1)
@@ -121,6 +125,11 @@ def summary(r: dict[str, Any]) -> str:
         caps = ", ".join(f"cap {k.rsplit('_', 1)[1]} {v['jobs_per_s']} ({v['over_sequential']}x)"
                          for k, v in row.items() if k.startswith("continuous_cap_"))
         lines.append(f"  engine one_tile {regime}: sequential {row['sequential_jobs_per_s']} jobs/s; continuous {caps}")
+    for name, row in r["vision_reuse"].items():
+        if isinstance(row, dict):
+            lines.append(f"  vision reuse {name}: cache on {row['on']['jobs_per_s']} jobs/s, "
+                         f"off {row['off']['jobs_per_s']} ({row['on_over_off']}x); "
+                         f"vision share off {row['off']['vision_share']}")
     host = r["host"]
     lines.append(f"  bound: {host['bound']} (gpu {host['gpu_jobs_per_s']} jobs/s, host {host['host_jobs_per_s']})")
     return "\n".join(lines)

@@ -60,6 +60,7 @@ class Service:
                 model=c.model, model_cache_dir=(c.out_dir / "models").resolve(), max_batch_size=c.max_batch_size,
                 max_wait_ms=c.max_wait_ms, concurrency=c.concurrency, warmup=c.warmup, lease_s=120,
                 log_level="WARNING",
+                vision_cache_mb=0,  # as the Celery-task baseline and the engine benches: reuse is measured apart
             )
             self.app = app = create_app(self.settings)
             self.runtime = start_runtime(app)

@@ -2,15 +2,20 @@
 
 Only the model thread calls it. Each `step()`:
 1. drops the requests that were cancelled or are past their deadline;
-2. admits waiting requests while there is room: `max_batch_size` rows and a
+2. admits waiting requests, interactive ones before batch-class ones (a batch
+   file's jobs), then by arrival, while there is room: `max_batch_size` rows and a
    KV budget in tokens (`max_batch_tokens`, counted as the batch's padded
    worst case: rows × the longest prompt + max_new_tokens among them);
    while rows decode and under a quarter of the cap is free, joins are
    gathered for at most `JOIN_DEFER_STEPS` steps (one prefill, not one each)
-   (model_runtime/engine_admission.py);
+   (model_runtime/engine_admission.py). An interactive request waiting
+   behind a batch full of batch-class rows preempts the newest of them
+   (recomputed when it rejoins: its output is unchanged);
 3. runs the vision tower once over the next tiles of the joining requests
    (at most `vision_chunk_tiles` per joining request; tiles are all one
-   size, so nothing pads) and splits the features back per request;
+   size, so nothing pads) and splits the features back per request; tiles
+   the vision cache holds, or repeated within the call, are not computed
+   again (model_runtime/engine_vision.py, model_runtime/vision_cache.py);
 4. prefills joining requests from `inputs_embeds`, at most
    `prefill_chunk_tokens` prompt tokens per joining request a step: whole
    prompts of similar length in one left-padded forward
@@ -50,13 +55,15 @@ import structlog
 import torch
 
 from model_runtime.engine_admission import Admission
+from model_runtime.engine_vision import VisionStep
 from model_runtime.running_batch import ContinuousStats, Joining, Row, RunningBatch
 from model_runtime.engine_memory import MemoryPolicy, as_failure
-from model_runtime.prefill import chunk_prefill, embed_prompt, image_features, padded_prefill, similar_length_groups
+from model_runtime.prefill import chunk_prefill, padded_prefill, similar_length_groups
 from model_runtime.sampling import choose_tokens
 from model_runtime.structured import StructuredDecoding
 from model_runtime.text import cut_at_stop, decode_text
 from model_runtime.types import DeadlineExceeded, GenerationFailed, Output, Prepared, RequestCancelled
+from model_runtime.vision_cache import DEFAULT_VISION_CACHE_MB, VisionCache
 
 log = structlog.get_logger(__name__)
 
@@ -64,10 +71,11 @@ Finished = tuple[Prepared, "Output | BaseException"]
 PROGRESS_INTERVAL_S = 0.25  # a request's on_progress hook, at most this often
 
 
-class ContinuousEngine(Admission, MemoryPolicy):
+class ContinuousEngine(Admission, VisionStep, MemoryPolicy):
     def __init__(self, loaded: Any, *, max_batch_size: int, max_batch_tokens: int,
                  prefill_chunk_tokens: int = 512, vision_chunk_tiles: int = 8,
-                 progress_interval_s: float = PROGRESS_INTERVAL_S, clock: Callable[[], float] = time.monotonic) -> None:
+                 progress_interval_s: float = PROGRESS_INTERVAL_S, clock: Callable[[], float] = time.monotonic,
+                 vision_cache_mb: float = DEFAULT_VISION_CACHE_MB) -> None:
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.processor.tokenizer
@@ -84,6 +92,7 @@ class ContinuousEngine(Admission, MemoryPolicy):
         eos = self.tokenizer.eos_token_id if eos is None else eos
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos])
         self.stats = ContinuousStats()
+        self.vision_cache = VisionCache.of_mb(vision_cache_mb)  # per-tile features; 0 MB: off
         self.structured = StructuredDecoding(loaded.grammars)  # rows with a response_format
         self._waiting: deque[tuple[Prepared, float]] = deque()  # (request, added_at)
         self._joining: list[Joining] = []
@@ -95,7 +104,13 @@ class ContinuousEngine(Admission, MemoryPolicy):
 
     # ------------------------------------------------------------ the driver's side
     def add(self, prepared: Prepared) -> None:
-        self._waiting.append((prepared, time.monotonic()))
+        """Queue it: interactive requests before batch-class ones (`Prepared.batch_class`), then by arrival."""
+        entry = (prepared, time.monotonic())
+        if prepared.batch_class or not self._waiting or not self._waiting[-1][0].batch_class:
+            self._waiting.append(entry)
+            return
+        ahead = [e for e in self._waiting if not e[0].batch_class]
+        self._waiting = deque([*ahead, entry, *(e for e in self._waiting if e[0].batch_class)])
 
     def has_work(self) -> bool:
         return bool(self._waiting or self._joining or self._running)
@@ -183,49 +198,6 @@ class ContinuousEngine(Admission, MemoryPolicy):
                     finished.append((row.prepared, reason))
                     self._running.retire(index)
             self._after_leaving()
-
-    # ------------------------------------------------------------ 3. vision tower
-    def _encode_tiles(self, finished: list[Finished], budget: int) -> None:
-        parts: list[tuple[Joining, int, int]] = []  # (joiner, first tile, tiles)
-        for joining in self._joining:
-            if joining.embeds is not None or budget <= 0:
-                continue
-            left = joining.prepared.tiles - joining.tiles_done
-            take = min(left, budget)
-            if take:
-                parts.append((joining, joining.tiles_done, take))
-                budget -= take
-        if parts:
-            self._encode_parts(parts, finished)
-        for joining in list(self._joining):
-            if joining.embeds is None and joining.tiles_done == joining.prepared.tiles:
-                try:
-                    joining.embeds = embed_prompt(self.model, joining.row.prompt_ids, joining.features,
-                                                  self.image_token_id)
-                    joining.features = []
-                except Exception as exc:  # noqa: BLE001
-                    self._joining_failed([joining], exc, finished)
-
-    def _encode_parts(self, parts: list[tuple[Joining, int, int]], finished: list[Finished]) -> None:
-        """One vision call over these tiles; on an error other than OOM, each request again alone,
-        so one bad input fails only itself."""
-        pixels = torch.cat([j.tile_pixels(s, n) for j, s, n in parts])
-        try:
-            features = image_features(self.model, pixels)
-        except Exception as exc:  # noqa: BLE001 - fails (or defers) only the requests in this call
-            if len(parts) > 1 and not isinstance(exc, torch.cuda.OutOfMemoryError):
-                for part in parts:
-                    self._encode_parts([part], finished)
-                return
-            self._joining_failed([j for j, _, _ in parts], exc, finished)
-            return
-        self.stats.vision_calls += 1
-        self.stats.vision_tiles += int(pixels.shape[0])
-        offset = 0
-        for joining, _, count in parts:
-            joining.features.append(features[offset : offset + count])
-            joining.tiles_done += count
-            offset += count
 
     # ------------------------------------------------------------ 4. prefill
     def _prefill(self, finished: list[Finished], budget: int) -> None:
@@ -380,3 +352,4 @@ class ContinuousEngine(Admission, MemoryPolicy):
             finished.append((row.prepared, row.output(self.tokenizer, "length")))
             return True
         return False
+

@@ -6,7 +6,9 @@
 - Out of memory mid-decode: the newest row is preempted (its cache dropped,
   queued again to be recomputed from scratch, an unseeded sampled one with the
   seed it drew from, so it recomputes the tokens its progress already showed);
-  alone, it ends `TooLargeForGPU`.
+  alone, it ends `TooLargeForGPU`. The same `_preempt` makes room for an
+  interactive request behind a batch full of batch-class rows
+  (model_runtime/engine_admission.py).
 - Any other exception fails the requests of the computation that raised.
 
 A mixin of `ContinuousEngine` (model_runtime/engine_continuous.py): it works
@@ -60,9 +62,9 @@ class MemoryPolicy:
                 f"out of GPU memory even alone ({prepared.prompt_tokens} prompt tokens, {prepared.tiles} tiles); "
                 "use fewer or smaller media or fewer frames")))
             return
-        for joining in joiners:  # back in the queue, in arrival order: first come, first served
+        for joining in joiners:  # back in the queue: interactive first, then in arrival order
             self._waiting.append((joining.prepared, joining.row.added_at))
-        self._waiting = deque(sorted(self._waiting, key=lambda entry: entry[1]))
+        self._waiting = deque(sorted(self._waiting, key=lambda entry: (entry[0].batch_class, entry[1])))
         # Fewer joiners at a time (split); one alone beside running rows waits until some leave.
         self._join_limit = max(1, (len(self._joining) + len(joiners)) // 2)
         if len(joiners) == 1 and not self._joining:
@@ -81,15 +83,27 @@ class MemoryPolicy:
                 f"out of GPU memory decoding alone at {batch.columns} tokens; use fewer new tokens or less media")))
             self._running = None
             return
-        left = len(batch) - 1
-        batch.retire(newest)
-        batch.compact()  # free its memory now
+        self._preempt(newest, "out of memory")
+        self._admit_below = len(batch)  # it rejoins once a row has left
+
+    def _preempt(self, index: int, reason: str) -> None:
+        """Take the running row at `index` out, its cache dropped; it waits first in its class and is recomputed
+        from scratch when it rejoins (greedy and seeded rows give the same tokens again)."""
+        batch = self._running
+        assert batch is not None
+        row = batch.rows[index]
+        batch.retire(index)
+        if len(batch):
+            batch.compact()  # free its memory now
+        else:
+            self._running = None
         if row.generator is not None and row.prepared.sampling.seed is None:
             row.prepared.sampling = dataclasses.replace(row.prepared.sampling, seed=row.generator.initial_seed())
-        self._waiting.appendleft((row.prepared, row.added_at))  # recomputed from scratch when it rejoins
-        self._admit_below = left  # it rejoins once a row has left
+        self._waiting.appendleft((row.prepared, row.added_at))
+        self._waiting = deque(sorted(self._waiting, key=lambda entry: entry[0].batch_class))  # stable: first in class
         self.stats.preempted += 1
-        log.warning("preempted", request_id=row.request_id, generated=len(row.generated), running=left)
+        log.warning("preempted", request_id=row.request_id, generated=len(row.generated), running=len(batch),
+                    reason=reason)
 
 
 def as_failure(exc: BaseException) -> BaseException:

@@ -100,6 +100,9 @@ class Prepared:
     engine calls it; the static engine does not). If it raises, it is logged and
     not called again, and the request decodes on. `constraint`, if set
     (model_runtime/structured.py), is the grammar its output must match.
+    `priority` orders admission in the continuous engine (interactive, then
+    batch; then arrival); `tile_keys` are its tiles' content digests, set
+    before it reaches the engine or by it (model_runtime/vision_cache.py).
     """
 
     request_id: str
@@ -115,6 +118,13 @@ class Prepared:
     cancelled: Callable[[], bool] | None = None
     on_progress: Callable[[Sequence[int]], None] | None = None
     constraint: Constraint | None = None
+    priority: int = 0  # the job's priority; below 0 (a batch file's job) is the batch class, admitted last
+    tile_keys: tuple[bytes, ...] | None = None  # one content digest per row of pixel_values (vision_cache.py)
+
+    @property
+    def batch_class(self) -> bool:
+        """A batch-lane job: interactive ones are admitted before it and may preempt it."""
+        return self.priority < 0
 
     @property
     def tiles(self) -> int:

@@ -36,6 +36,11 @@ def test_the_gpu_check_runs_on_a_cpu_with_tiny_dimensions_and_reports_every_sect
         row = result["engine"][regime]
         assert row["sequential_jobs_per_s"] > 0
         assert {"continuous_cap_4", "continuous_cap_8"} <= set(row)
+    for mix in ("shared_x4", "distinct"):
+        reuse = result["vision_reuse"][mix]
+        assert reuse["on"]["jobs_per_s"] > 0 and reuse["off"]["jobs_per_s"] > 0 and reuse["on_over_off"] > 0
+        assert 0 < reuse["off"]["vision_share"] < 1
+    assert result["vision_reuse"]["shared_x4"]["on"]["tiles"] < result["vision_reuse"]["shared_x4"]["off"]["tiles"]
     assert result["host"]["bound"] in ("gpu", "host") and result["host"]["host_jobs_per_s"] == 40
     assert result["meta"]["dims"] == "tiny"
 

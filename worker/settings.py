@@ -72,6 +72,10 @@ class Settings(BaseSettings):
     # a joining job imposes on the running ones (measured on a CPU, benchmarks/BENCHMARKS.md).
     prefill_chunk_tokens: int = Field(default=128, ge=16)
     vision_chunk_tiles: int = Field(default=4, ge=1)
+    # Vision reuse: per-tile image features kept in the model process, keyed by the tile's pixels
+    # (model_runtime/vision_cache.py), least recently used evicted first; taken out of the KV budget.
+    # 0: off. 256 MiB holds ~570 of InternVL3-1B's 448 px tiles (256 tokens x 896 x bf16).
+    vision_cache_mb: float = Field(default=256.0, ge=0)
     cancel_poll_s: float = Field(default=0.5, gt=0)  # how often a worker looks for cancelled running jobs
     # Continuous engine: a running job's text so far is written to its record at most this often
     # (worker/jobs/progress.py; JobClient.stream). 0: no progress.

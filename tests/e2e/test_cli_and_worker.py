@@ -100,8 +100,16 @@ def test_probes_report_ready_and_metrics_move(worker_proc, redis_url):
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
     assert data["state"] == "succeeded" and len(data["job_id"]) == 32
+    # Another question about the same image: its tiles come from the vision cache, not the tower.
+    out = cli("submit", "--prompt", "What colour is it?", "--image", f"file://{image}", "--max-new-tokens", "5",
+              "--wait", "--json", redis_url=redis_url)
+    assert out.returncode == 0 and json.loads(out.stdout)["state"] == "succeeded", out.stderr
 
     after = http_get(base + "/metrics")[1]
+    misses = metric(after, "ivq_vision_cache_tiles_total", outcome="miss")
+    assert misses >= 1 and metric(after, "ivq_vision_cache_tiles_total", outcome="hit") >= misses
+    assert metric(after, "ivq_vision_cache_bytes", kind="used") > 0
+    assert metric(after, "ivq_vision_cache_bytes", kind="capacity") == 256 * 1024 * 1024
     assert metric(after, "ivq_jobs_total", state="succeeded") >= metric(before, "ivq_jobs_total", state="succeeded") + 1
     assert metric(after, "ivq_batch_size_count") > metric(before, "ivq_batch_size_count")
     assert metric(after, "ivq_generate_seconds_count") > metric(before, "ivq_generate_seconds_count")

@@ -22,6 +22,7 @@ import torch
 
 from api_client.schema import ErrorCode, JobRequest
 from model_runtime.samples import make_sample_image
+from model_runtime.vision_cache import tile_keys
 from worker.jobs.errors import Draining, JobFailed
 from worker.jobs.inputs import InputEnv, prepare_inputs
 from worker.jobs.prep_pool import PreprocessCrashed, PrepPool
@@ -68,6 +69,8 @@ def test_the_pool_prepares_what_the_task_thread_would(pool, media, tiny_runtime)
     assert (pooled.prompt_tokens, pooled.image_tiles, pooled.cost) == (local.prompt_tokens, local.image_tiles,
                                                                        local.cost)
     assert pooled.sampling == local.sampling
+    # The vision cache's tile digests come from the preprocessing process, the same as computed here.
+    assert pooled.tile_keys is not None and pooled.tile_keys == local.tile_keys == tile_keys(local.pixel_values)
     assert not list(shm_dir().glob(f"{PREFIX}{os.getpid()}-*"))  # read and unlinked
 
 

@@ -146,6 +146,18 @@ def test_groups_never_mix_and_oldest_group_goes_first():
     assert rec.batches[2] == [("b", 1), ("b", 2)]
 
 
+def test_a_lower_rank_goes_before_older_items_of_a_higher_one():
+    rec = Recorder(delay_s=0.05)
+    b = make(rec, max_batch_size=2, rank=lambda x: int(x.startswith("batch")))
+    block = b.submit("first")
+    wait_started(rec)
+    futs = [b.submit(x) for x in ["batch-1", "batch-2", "batch-3", "urgent"]]
+    block.result(timeout=5)
+    [f.result(timeout=5) for f in futs]
+    b.stop()
+    assert rec.batches[1] == ["urgent", "batch-1"] and rec.batches[2] == ["batch-2", "batch-3"]
+
+
 def test_failing_batch_fails_each_of_its_requests_only():
     rec = Recorder(delay_s=0.02, fail_on="bad")
     b = make(rec, max_batch_size=2, max_wait_ms=100)

@@ -59,6 +59,22 @@ def test_metrics_text_after_calls(served) -> None:
         assert line in text, line
 
 
+def test_the_vision_cache_is_read_at_each_scrape(served) -> None:
+    from types import SimpleNamespace as VisionCacheSnapshot  # its fields (model_runtime/vision_cache.py)
+
+    metrics, base = served
+    snap = VisionCacheSnapshot(capacity_bytes=1000, bytes=600, entries=3, hits=5, misses=3, deduped=2, evictions=0)
+    metrics.watch_vision_cache(lambda: snap)
+    get(base + "/metrics")
+    snap = VisionCacheSnapshot(capacity_bytes=1000, bytes=800, entries=4, hits=9, misses=4, deduped=2, evictions=1)
+    text = get(base + "/metrics")[1].decode()
+    for line in ('ivq_vision_cache_tiles_total{outcome="hit"} 9.0', 'ivq_vision_cache_tiles_total{outcome="miss"} 4.0',
+                 'ivq_vision_cache_tiles_total{outcome="dedup"} 2.0', "ivq_vision_cache_evictions_total 1.0",
+                 'ivq_vision_cache_bytes{kind="used"} 800.0', 'ivq_vision_cache_bytes{kind="capacity"} 1000.0',
+                 "ivq_vision_cache_entries 4.0"):
+        assert line in text, line
+
+
 def test_metrics_instances_are_independent() -> None:
     a, b = Metrics(), Metrics()
     a.job_finished("succeeded")

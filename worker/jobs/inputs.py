@@ -78,6 +78,10 @@ def prepare_inputs(env: InputEnv, job_id: str, request: JobRequest, cpu: StageCp
         env.processor, chat_of(request), decoded, sampling_of(request.generation), request_id=job_id,
         max_tiles=env.settings.max_tiles, context_length=env.context_length,
     )
+    if env.settings.vision_cache_mb > 0:  # the vision cache's tile digests, here and not on the model's side
+        from model_runtime.vision_cache import ensure_keys
+
+        ensure_keys(prepared)
     cpu.processor += time.thread_time() - t2
     return prepared
 

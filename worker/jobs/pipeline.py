@@ -123,6 +123,7 @@ def _run(ctx: JobContext, claim: Claim, lost: Callable[[], bool]) -> str:
     ctx.metrics.observe_job(preprocess_s=preprocess_s)
     # The engine checks both at every step: a cancelled job stops using the GPU, a late one ends at its deadline.
     prepared.cancelled, prepared.deadline = lost, deadline
+    prepared.priority = claim.priority  # the engine admits interactive jobs before batch ones (BATCH_PRIORITY)
     if ctx.progress is not None:  # the engine hands this job's ids so far to the publisher thread
         prepared.on_progress = ctx.progress.hook(claim, prepared.sampling.stop)
     future = ctx.queue.submit(prepared, announced=True)

@@ -105,6 +105,7 @@ def handle(env: Any, owner_pid: int, message: dict[str, Any]) -> dict[str, Any]:
                 "retryable": c.action is Action.RETRY, "cpu_ms": cpu.as_ms()}
     return {"seq": seq, "ok": True, "tensors": layout, "prompt_tokens": prepared.prompt_tokens,
             "image_tiles": prepared.image_tiles, "video_frames": prepared.video_frames, "cost": prepared.cost,
+            "tile_keys": None if prepared.tile_keys is None else [key.hex() for key in prepared.tile_keys],
             "preprocess_ms": (time.perf_counter() - started) * 1000.0, "cpu_ms": cpu.as_ms()}
 
 

@@ -273,6 +273,7 @@ class PrepPool:
             request_id=job_id, input_ids=tensors["input_ids"], pixel_values=tensors.get("pixel_values"),
             sampling=sampling_of(request.generation), prompt_tokens=int(reply["prompt_tokens"]),
             image_tiles=int(reply["image_tiles"]), video_frames=int(reply["video_frames"]), cost=float(reply["cost"]),
+            tile_keys=None if reply.get("tile_keys") is None else tuple(bytes.fromhex(k) for k in reply["tile_keys"]),
             preprocess_ms=float(reply["preprocess_ms"]),
         )
 

@@ -12,7 +12,9 @@ When does a batch go?
   there is no reason to wait for more (an idle worker adds no latency),
 - or when the oldest pending item has waited max_wait_ms.
 Items batch together only when their group keys are equal (same decoding
-parameters); the oldest item's group goes first, so no group starves.
+parameters); the oldest item's group goes first, so no group starves, except
+that a lower `rank` goes before any higher one (the worker ranks interactive
+jobs before a batch file's).
 With `similar_cost`, the oldest item is joined by the pending items whose
 cost is closest to its own rather than by the next oldest: a backlog then
 forms batches of like-sized prompts, which pad less (benchmarks/BENCHMARKS.md).
@@ -52,6 +54,7 @@ class _Pending(Generic[T]):
     cost: float
     group: Hashable
     submitted: float = field(default=0.0)
+    rank: int = 0  # lower goes first (interactive 0, batch class 1), then the oldest
 
 
 class ModelThreadQueue:
@@ -93,6 +96,7 @@ class MicroBatcher(ModelThreadQueue, Generic[T, R]):
         on_loop: Callable[[], None] | None = None,
         name: str = "micro-batcher",
         similar_cost: bool = False,
+        rank: Callable[[T], int] = lambda _: 0,
     ):
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
@@ -105,6 +109,7 @@ class MicroBatcher(ModelThreadQueue, Generic[T, R]):
         self._clock = clock
         self._on_loop = on_loop
         self.similar_cost = similar_cost
+        self._rank = rank
         super().__init__(self._loop, name)
         self._pending: list[_Pending[T]] = []
         self._closing = False
@@ -120,7 +125,7 @@ class MicroBatcher(ModelThreadQueue, Generic[T, R]):
             if self._closing:
                 raise BatcherClosed("batcher is stopping")
             self._pending.append(
-                _Pending(item, fut, float(self._cost(item)), self._group_key(item), self._clock())
+                _Pending(item, fut, float(self._cost(item)), self._group_key(item), self._clock(), self._rank(item))
             )
             self._cond.notify_all()
         return fut
@@ -157,8 +162,9 @@ class MicroBatcher(ModelThreadQueue, Generic[T, R]):
                         return None
                     self._cond.wait(timeout=1.0)
                     continue
-                group = self._pending[0].group
-                same = [p for p in self._pending if p.group == group]
+                ranked = sorted(self._pending, key=lambda p: p.rank)  # stable: the oldest first within a rank
+                group = ranked[0].group
+                same = [p for p in ranked if p.group == group]
                 if self.similar_cost and len(same) > 2:
                     oldest = same[0]
                     same = [oldest] + sorted(same[1:], key=lambda p: abs(p.cost - oldest.cost))

@@ -52,8 +52,10 @@ class RunInfo:
 class StepLoop(ModelThreadQueue, Generic[T]):
     def __init__(self, engine: StepEngine[T], *, on_loop: Callable[[], None] | None = None,
                  wrap: Callable[[T, Any, RunInfo], Any] = lambda _item, result, _info: result,
-                 clock: Callable[[], float] = time.monotonic, name: str = "model-thread") -> None:
+                 clock: Callable[[], float] = time.monotonic, name: str = "model-thread",
+                 before_submit: Callable[[T], None] | None = None) -> None:
         self.engine = engine
+        self._before_submit = before_submit  # runs on the submitting thread (the vision cache's tile digests)
         self._on_loop = on_loop
         self._wrap = wrap
         self._clock = clock
@@ -69,6 +71,11 @@ class StepLoop(ModelThreadQueue, Generic[T]):
 
     def submit(self, item: T, *, announced: bool = False) -> Future:
         future: Future = Future()
+        if self._before_submit is not None:
+            try:
+                self._before_submit(item)
+            except Exception as exc:  # noqa: BLE001 - only work done ahead of the engine; it is done there again
+                log.warning("before_submit_failed", error=repr(exc))
         with self._cond:
             if announced:
                 self._announced = max(0, self._announced - 1)

@@ -61,18 +61,26 @@ def start_model_thread(loaded: Loaded, settings: Settings, *, metrics: Metrics, 
 
 def _start_continuous(loaded: Loaded, s: Settings, *, metrics: Metrics, worker_id: str,
                       on_loop: Callable[[], None]) -> ModelThread:
-    from model_runtime.capacity import kv_budget_tokens
+    from model_runtime.capacity import kv_budget_tokens, kv_bytes_per_token
     from model_runtime.engine_continuous import ContinuousEngine
+    from model_runtime.vision_cache import VisionCache, ensure_keys
 
-    # Warm-up runs under the configured budget, or an unbounded one when it is read from memory afterwards.
+    # Warm-up runs under the configured budget, or an unbounded one when it is read from memory afterwards,
+    # and without the vision cache: its copies of one image must all run the tower, at the largest batch.
     engine = ContinuousEngine(loaded, max_batch_size=s.max_batch_size, max_batch_tokens=s.max_batch_tokens or 2**40,
                               prefill_chunk_tokens=s.prefill_chunk_tokens, vision_chunk_tiles=s.vision_chunk_tiles,
-                              progress_interval_s=s.progress_interval_s)
+                              progress_interval_s=s.progress_interval_s, vision_cache_mb=0)
     if s.warmup:
         engine.warmup(s.max_batch_size)
+    engine.vision_cache = VisionCache.of_mb(s.vision_cache_mb)
     engine.max_batch_tokens = kv_budget_tokens(loaded.model, device=loaded.device, setting=s.max_batch_tokens)
+    if s.max_batch_tokens is None and loaded.device.startswith("cuda"):  # the cache will hold this much of it
+        engine.max_batch_tokens = max(1, engine.max_batch_tokens
+                                      - engine.vision_cache.capacity_bytes // kv_bytes_per_token(loaded.model))
+    metrics.watch_vision_cache(engine.vision_cache.snapshot)
     log.info("kv_budget", max_batch_tokens=engine.max_batch_tokens, source="setting" if s.max_batch_tokens else
-             ("free memory" if loaded.device.startswith("cuda") else "cpu default"))
+             ("free memory" if loaded.device.startswith("cuda") else "cpu default"),
+             vision_cache_mb=s.vision_cache_mb)
 
     def outcome(prepared: Prepared, output: Output, info: RunInfo) -> BatchOutcome:
         batch_id = f"{worker_id}:run{info.run}"
@@ -82,7 +90,10 @@ def _start_continuous(loaded: Loaded, s: Settings, *, metrics: Metrics, worker_i
                  wait_ms=round(output.wait_ms, 1), generate_ms=round(output.generate_ms, 1))
         return BatchOutcome(output, batch_id, output.batch_size, output.wait_ms / 1000.0)
 
-    return ModelThread(engine, StepLoop(engine, on_loop=on_loop, wrap=outcome, name="model-thread").start())
+    # Tile digests not on the model thread: set in preparation (worker/jobs/inputs.py), else here at submit.
+    before = ensure_keys if engine.vision_cache.enabled else None
+    loop = StepLoop(engine, on_loop=on_loop, wrap=outcome, before_submit=before, name="model-thread")
+    return ModelThread(engine, loop.start())
 
 
 def _start_static(loaded: Loaded, s: Settings, *, metrics: Metrics, worker_id: str,
@@ -112,5 +123,6 @@ def _start_static(loaded: Loaded, s: Settings, *, metrics: Metrics, worker_id: s
         run_batch, max_batch_size=s.max_batch_size, max_wait_ms=s.max_wait_ms, max_batch_cost=s.max_batch_cost,
         cost=lambda p: p.cost, group_key=lambda p: p.sampling, on_loop=on_loop, name="model-thread",
         similar_cost=True,  # like-sized prompts batch together: less padding (benchmarks/BENCHMARKS.md)
+        rank=lambda p: int(p.batch_class),  # interactive jobs before a batch file's
     ).start()
     return ModelThread(engine, queue)

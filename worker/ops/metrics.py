@@ -7,8 +7,9 @@ a worker and its callback pool). `worker/ops/health.py` serves them on /metrics.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import generate_latest
@@ -58,6 +59,17 @@ class Metrics:
         self.callbacks = Counter("ivq_callbacks", "Webhook delivery attempts, by outcome", ["outcome"], registry=r)
         self.retries = Counter("ivq_job_retries", "Jobs sent back to the queue, by error code", ["code"], registry=r)
         self.info = Info("ivq_worker", "Static facts about this worker", registry=r)
+        # Vision reuse (model_runtime/vision_cache.py), in tiles; refreshed from the engine's cache at each scrape.
+        self.vision_cache_tiles = Counter("ivq_vision_cache_tiles", "Image tiles looked up in the vision cache: "
+                                          "hit (stored), miss (run through the tower), dedup (repeated within "
+                                          "one vision call, run once)", ["outcome"], registry=r)
+        self.vision_cache_bytes = Gauge("ivq_vision_cache_bytes", "Vision cache: bytes held, and its bound",
+                                        ["kind"], registry=r)
+        self.vision_cache_entries = Gauge("ivq_vision_cache_entries", "Tiles held in the vision cache", registry=r)
+        self.vision_cache_evictions = Counter("ivq_vision_cache_evictions", "Tiles evicted (least recently used)",
+                                              registry=r)
+        self._vision_cache: Callable[[], Any] | None = None
+        self._vision_seen: dict[str, int] = {}
 
     # Small helpers, so call sites stay one line.
     def job_finished(self, state: str, code: str | None = None) -> None:
@@ -117,6 +129,26 @@ class Metrics:
             self.gpu_memory.labels(device=device, kind="reserved").set(torch.cuda.memory_reserved(index))
             self.gpu_memory.labels(device=device, kind="max_allocated").set(torch.cuda.max_memory_allocated(index))
 
+    def watch_vision_cache(self, snapshot: Callable[[], Any]) -> None:
+        """`snapshot()` returns the engine's VisionCacheSnapshot; read at every scrape."""
+        self._vision_cache = snapshot
+
+    def refresh_vision_cache(self) -> None:
+        if self._vision_cache is None:
+            return
+        snap = self._vision_cache()
+        for outcome, total in (("hit", snap.hits), ("miss", snap.misses), ("dedup", snap.deduped),
+                               ("evicted", snap.evictions)):
+            delta = total - self._vision_seen.get(outcome, 0)
+            self._vision_seen[outcome] = total
+            if delta > 0:
+                (self.vision_cache_evictions if outcome == "evicted"
+                 else self.vision_cache_tiles.labels(outcome=outcome)).inc(delta)
+        self.vision_cache_bytes.labels(kind="used").set(snap.bytes)
+        self.vision_cache_bytes.labels(kind="capacity").set(snap.capacity_bytes)
+        self.vision_cache_entries.set(snap.entries)
+
     def render(self) -> bytes:
         self.refresh_gpu_memory()
+        self.refresh_vision_cache()
         return generate_latest(self.registry)
