@@ -25,9 +25,10 @@ from worker.settings import Settings
 STORE_BUCKET, MEDIA_BUCKET = "oai-store", "oai-media"
 WEBHOOK_SECRET = "whsec_" + "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo0NTY3ODk="
 # Tenant names of these tests only: the test run's Redis also holds other modules' tenants' jobs.
-KEYS = {name: new_key() for name in ("acme", "globex", "oai-slow", "oai-tight", "oai-onestream", "oai-quitter")}
+KEYS = {name: new_key() for name in ("acme", "globex", "oai-slow", "oai-tight", "oai-onestream", "oai-quitter",
+                                      "oai-batchcap")}
 LIMITS: dict[str, dict[str, Any]] = {"oai-slow": {"rate_per_s": 0.5, "burst": 1}, "oai-tight": {"max_active": 1},
-                                     "oai-onestream": {"max_streams": 1}}
+                                     "oai-onestream": {"max_streams": 1}, "oai-batchcap": {"max_batch_jobs": 3}}
 
 
 @dataclass

@@ -183,3 +183,20 @@ def test_files_verbs_and_other_tenants_get_404(svc):
     with pytest.raises(openai.BadRequestError) as bad:
         acme.batches.create(input_file_id=file_id, endpoint="/v1/embeddings", completion_window="24h")
     assert bad.value.body["param"] == "endpoint"
+
+
+def test_the_tenants_batch_quota_answers_429_and_records_nothing(svc):
+    """The native batch quota (max_batch_jobs, here 3) through OpenAI's routes: a file of more lines is
+    refused with 429, Retry-After at most 120 s and the native code, and no batch is recorded; one
+    within the quota then runs, so the refusal took nothing."""
+    client = svc.client("oai-batchcap")
+    with pytest.raises(openai.RateLimitError) as refused:
+        client.batches.create(input_file_id=_upload(client, [_line(f"q-{i}") for i in range(5)]), endpoint=ENDPOINT,
+                              completion_window="24h")
+    assert refused.value.body["code"] == "quota_exceeded"
+    assert 1 <= int(refused.value.response.headers["retry-after"]) <= 120
+    assert list(client.batches.list()) == []
+    batch = client.batches.create(input_file_id=_upload(client, [_line(f"q-{i}") for i in range(3)]),
+                                  endpoint=ENDPOINT, completion_window="24h")
+    done = _until_final(client, batch.id)
+    assert (done.status, done.request_counts.completed, done.request_counts.failed) == ("completed", 3, 0)
