@@ -142,20 +142,14 @@ class JobStore:
             created, jid = self._create(job_id, request_json, now, priority, deadline, idempotency_key, tenant,
                                         batch_id)
             return Transition(job_id=as_text(jid), done=bool(created), state="queued")
-        pipe = self.redis.pipeline(transaction=False)  # WAIT counts this connection's writes: one connection
+        pipe = self.redis.pipeline(transaction=False)
         self._create(job_id, request_json, now, priority, deadline, idempotency_key, tenant, batch_id, pipe=pipe)
-        pipe.wait(self.durability.replicas, self.durability.timeout_ms)
         try:
-            (created, jid), acked = pipe.execute()
-        except redis.ResponseError as exc:
-            self._demoted(exc)
+            [(created, jid)] = self._execute_durably(pipe, "the job's record")
+        except NotReplicated:
+            # A repeated idempotency key created nothing under job_id: withdraw then finds no record.
             self.withdraw(job_id, idempotency_key, tenant)
-            raise NotReplicated("the primary was demoted under this submit (a failover)") from exc
-        if int(acked) < self.durability.replicas:
-            if created:
-                self.withdraw(job_id, idempotency_key, tenant)
-            raise NotReplicated(f"{acked} of {self.durability.replicas} replicas confirmed the job's record "
-                                f"within {self.durability.timeout_ms} ms")
+            raise
         return Transition(job_id=as_text(jid), done=bool(created), state="queued")
 
     def write_durably(self, *writes: tuple[str, tuple[Any, ...]]) -> None:
@@ -164,18 +158,23 @@ class JobStore:
         pipe = self.redis.pipeline(transaction=False)
         for method, args in writes:
             getattr(pipe, method)(*args)
+        self._execute_durably(pipe, "the writes")
+
+    def _execute_durably(self, pipe: Any, what: str) -> list[Any]:
+        """Execute `pipe` (one connection: WAIT counts that connection's writes) and return its replies;
+        with durability `replica`, WAIT after them: NotReplicated if too few replicas confirm `what`."""
         if not self.durability.waits:
-            pipe.execute()
-            return
+            return pipe.execute()
         pipe.wait(self.durability.replicas, self.durability.timeout_ms)
         try:
-            acked = pipe.execute()[-1]
+            *replies, acked = pipe.execute()
         except redis.ResponseError as exc:
             self._demoted(exc)
-            raise NotReplicated("the primary was demoted under these writes (a failover)") from exc
+            raise NotReplicated(f"the primary was demoted under {what} (a failover)") from exc
         if int(acked) < self.durability.replicas:
-            raise NotReplicated(f"{acked} of {self.durability.replicas} replicas confirmed the writes "
+            raise NotReplicated(f"{acked} of {self.durability.replicas} replicas confirmed {what} "
                                 f"within {self.durability.timeout_ms} ms")
+        return replies
 
     def _demoted(self, exc: redis.ResponseError) -> None:
         """WAIT on a node that became a replica (a failover between connect and WAIT): drop the pool's
