@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import subprocess
 import threading
 import time
 from typing import Literal
@@ -262,3 +263,32 @@ def test_openapi_lists_the_openai_routes(svc):
                  "/v1/files/{file_id}/content", "/v1/batches", "/v1/batches/{batch_id}",
                  "/v1/batches/{batch_id}/cancel", "/v1/native/batches", "/v1/native/batches/{batch_id}/results"):
         assert path in paths, path
+
+
+def test_the_readmes_curl_first_try_and_a_curl_stream(svc):
+    """The README's first curl (an s3:// image and a question) as a user types it, then the same
+    request streamed with `curl -N`: chunks, a usage chunk, [DONE], and the same text (greedy)."""
+    svc.s3.put_object(Bucket=MEDIA_BUCKET, Key="curl.jpg", Body=make_sample_image(96, 64, seed=3))
+    body = {"model": "tiny", "max_tokens": 6, "temperature": 0,
+            "messages": [{"role": "user", "content": [{"type": "image_url",
+                                                        "image_url": {"url": f"s3://{MEDIA_BUCKET}/curl.jpg"}},
+                                                       {"type": "text", "text": "Is the product damaged?"}]}]}
+
+    def curl(*flags: str, payload: dict) -> str:
+        done = subprocess.run(["curl", "-s", "--fail-with-body", *flags, f"{svc.base}/v1/chat/completions",
+                               "-H", f"Authorization: Bearer {KEYS['acme']}", "-H", "Content-Type: application/json",
+                               "-d", json.dumps(payload)], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    reply = json.loads(curl(payload=body))
+    assert reply["object"] == "chat.completion" and reply["choices"][0]["finish_reason"] in ("stop", "length")
+    assert reply["usage"]["completion_tokens"] >= 1
+    events = [line[len("data: "):] for line in curl("-N", payload={**body, "stream": True,
+                                                                     "stream_options": {"include_usage": True}})
+              .splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[-1]["usage"] == reply["usage"]
+    streamed = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert streamed == reply["choices"][0]["message"]["content"]
